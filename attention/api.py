@@ -1,0 +1,141 @@
+"""The one attention entry point: `attention(q, k, v, ...)` dispatching to an implementation.
+
+Implementations (``impl``):
+- ``reference``: dense fp32 softmax (tests, short sequences);
+- ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU);
+- ``blockwise``: flash-style scan over KV chunks with a custom VJP, O(S·d) memory;
+- ``ring``: blockwise attention inside ``jax.shard_map`` with K/V passed around the
+  ``sequence`` mesh axis (needs ``mesh``);
+- ``auto``: the fastest exact choice for the platform and shapes (see `choose_impl`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention.masks import default_positions, make_mask
+
+IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+# Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
+_DENSE_MAX_KEYS = 1024
+
+
+class AttentionError(ValueError):
+    """Inputs the attention implementations cannot take; the message says what to change."""
+
+
+def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = None) -> str:
+    """The implementation ``impl="auto"`` resolves to.
+
+    A mesh with a ``sequence`` axis of size > 1 means the sequence is sharded: ring. On GPU
+    the cuDNN kernel (through ``xla``) is fastest when the head size is one cuDNN supports;
+    elsewhere short sequences go dense and long ones blockwise.
+    """
+    if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
+        return "ring"
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and q.shape[-1] in (64, 128) and q.dtype in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    return "reference" if k.shape[1] <= _DENSE_MAX_KEYS else "blockwise"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    impl: str = "auto",
+    scale: float | None = None,
+    mesh=None,
+    chunk_size: int = 512,
+    skip_future_hops: bool = True,
+) -> jax.Array:
+    """Grouped-query attention with masks from positions and segment ids.
+
+    Args:
+        q: ``[b, t, n, h]`` queries.
+        k, v: ``[b, s, k, h]`` keys/values with ``n % k == 0`` (K/V are never repeated).
+        causal: hide keys whose position is later than the query's.
+        segment_ids: int ``[b, t]``; tokens attend only within their segment. For
+            self-attention it also serves the keys unless ``kv_segment_ids`` is given.
+        q_positions, kv_positions: int32 ``[b, t]`` / ``[b, s]`` global positions
+            (default ``arange``); a sequence shard passes its own.
+        impl: ``auto | reference | xla | blockwise | ring``.
+        scale: logit multiplier, default ``h ** -0.5``.
+        mesh: required for ``ring`` (a mesh with a ``sequence`` axis).
+        chunk_size: KV (and query) chunk for blockwise/ring.
+        skip_future_hops: ring only; False reproduces the classic ring that computes and
+            masks every hop (for benchmarks).
+
+    Returns:
+        ``[b, t, n, h]`` in q's dtype. Query rows with no visible key are zeros.
+    """
+    b, t, n, h = q.shape
+    if k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[3] != h:
+        raise AttentionError(
+            f"k and v must be [batch, seq, kv_heads, {h}] matching q {q.shape}; got {k.shape}, {v.shape}."
+        )
+    if n % k.shape[2]:
+        raise AttentionError(f"query heads ({n}) must be a multiple of kv heads ({k.shape[2]}).")
+    if impl not in IMPLS:
+        raise AttentionError(f"unknown attention impl {impl!r}: use one of {', '.join(IMPLS)}.")
+    s = k.shape[1]
+    scale = h**-0.5 if scale is None else scale
+    q_positions = default_positions(b, t) if q_positions is None else q_positions.astype(jnp.int32)
+    kv_positions = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
+    if kv_segment_ids is None and segment_ids is not None and s == t:
+        kv_segment_ids = segment_ids
+    if (segment_ids is None) != (kv_segment_ids is None):
+        raise AttentionError("give segment ids for both queries and keys (kv_segment_ids when their lengths differ).")
+    if impl == "auto":
+        impl = choose_impl(q, k, mesh)
+
+    if impl == "ring":
+        if mesh is None:
+            raise AttentionError("impl='ring' needs mesh=: a jax Mesh with a 'sequence' axis.")
+        from attention.ring import sharded_attention
+
+        return sharded_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            causal=causal,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            scale=scale,
+            chunk_size=chunk_size,
+            skip_future_hops=skip_future_hops,
+        )
+    if impl == "blockwise":
+        from attention.blockwise import blockwise_attention
+
+        out, _ = blockwise_attention(
+            q,
+            k,
+            v,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=causal,
+            scale=scale,
+            chunk_size=chunk_size,
+        )
+        return out
+    mask = make_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, causal)
+    if impl == "xla":
+        from attention.xla import xla_attention
+
+        return xla_attention(q, k, v, mask, scale)
+    from attention.reference import reference_attention
+
+    return reference_attention(q, k, v, mask, scale)[0]

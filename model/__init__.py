@@ -1,0 +1,42 @@
+"""ringllama's Llama 3: config, presets, RoPE, the Flax model, KV cache and generation.
+
+Shape letters: b batch, t query position, s key position, d embed, n query heads,
+k kv heads, h head_dim, f mlp, v vocab.
+
+    cfg = model.preset("tiny")                          # or LlamaConfig.from_hf(dir)
+    params = model.init_params(cfg, jax.random.key(0))
+    logits = model.Llama(cfg).apply({"params": params}, tokens)   # tokens[b, t] -> [b, t, v]
+    out = model.generate(cfg, params, prompt, max_new_tokens=32)  # prompt[b, t] -> [b, t + new]
+"""
+
+from model.cache import init_cache
+from model.config import ATTENTION_IMPLS, ROPE_TYPES, ConfigError, LlamaConfig, RopeConfig
+from model.generate import generate
+from model.llama import Llama
+from model.params import abstract_params, count_params, init_params, lm_head_kernel, logical_axes
+from model.presets import PRESETS, preset
+from model.rope import apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, rotate, theta_for_length
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "PRESETS",
+    "ROPE_TYPES",
+    "ConfigError",
+    "Llama",
+    "LlamaConfig",
+    "RopeConfig",
+    "abstract_params",
+    "apply_rope",
+    "count_params",
+    "generate",
+    "init_cache",
+    "init_params",
+    "inv_freq_and_scale",
+    "lm_head_kernel",
+    "logical_axes",
+    "preset",
+    "rope_angles",
+    "rope_cos_sin",
+    "rotate",
+    "theta_for_length",
+]

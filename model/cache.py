@@ -1,0 +1,26 @@
+"""Functional KV cache for incremental decoding.
+
+``k``/``v``: ``[layers, b, S, k, h]`` (only the kv heads are cached); ``positions``:
+``[b, S]`` int32, with empty slots at `attention.EMPTY_POSITION` so the causal mask hides
+them; ``index``: int32 scalar, the next slot to write.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention import EMPTY_POSITION
+from model.config import LlamaConfig
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: str | None = None) -> dict[str, jax.Array]:
+    """An empty cache able to hold ``max_len`` tokens per sequence."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "positions": jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }

@@ -1,0 +1,297 @@
+"""Model configuration: `RopeConfig` and `LlamaConfig`, frozen dataclasses with HF config I/O.
+
+Hugging Face configs come in two layouts and both are read and written:
+- transformers v4: top-level ``rope_theta`` plus ``rope_scaling`` (key ``type`` or ``rope_type``);
+- transformers v5: ``rope_parameters`` holding ``rope_theta`` and ``rope_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields each rope type cannot do without (the rest have HF's defaults).
+_REQUIRED_ROPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
+# Keys of an HF rope dict that map to RopeConfig fields of the same name.
+_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+    "truncate",
+    "short_factor",
+    "long_factor",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings; every field of every HF rope type (unused ones stay None)."""
+
+    rope_type: str = "default"
+    theta: float = 500000.0
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unknown rope type {self.rope_type!r}: use one of {', '.join(ROPE_TYPES)}.")
+        missing = [f for f in _REQUIRED_ROPE_FIELDS[self.rope_type] if getattr(self, f) is None]
+        if missing:
+            raise ConfigError(
+                f"rope type {self.rope_type!r} needs {', '.join(missing)}: add them to the rope settings."
+            )
+        if not self.theta > 0:
+            raise ConfigError(f"rope theta must be positive, got {self.theta}.")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    @classmethod
+    def from_hf_dict(cls, rope: dict[str, Any] | None, theta: float | None) -> RopeConfig:
+        """Build from an HF ``rope_scaling`` / ``rope_parameters`` dict and a theta."""
+        rope = dict(rope or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", theta)
+        kwargs = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
+        return cls(rope_type=rope_type, theta=float(theta if theta is not None else 10000.0), **kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF v5 ``rope_parameters`` dict (v4's ``rope_scaling`` is this minus ``rope_theta``)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        for k in _ROPE_KEYS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Llama 3 architecture plus the numerics and execution switches ringllama adds.
+
+    ``head_dim`` may differ from ``hidden_size // num_heads``. ``scan_layers`` stacks the
+    decoder layers under one ``layers`` subtree with a leading ``[layers]`` axis;
+    ``remat_policy`` names a `jax.checkpoint` policy applied per layer.
+    """
+
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    bos_token_id: int | None = 128000
+    eos_token_id: tuple[int, ...] = (128001,)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+    attention_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope, dict):
+            object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"head_dim must be a positive even number for RoPE, got {self.head_dim}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}): "
+                "pick a kv head count that divides the query heads."
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not supported: use one of {', '.join(DTYPES)}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat_policy {self.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"unknown attention_impl {self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}."
+            )
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per kv head (the GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        """A copy with ``changes``; ``rope=dict(...)`` updates individual rope fields."""
+        rope = changes.pop("rope", None)
+        if isinstance(rope, dict):
+            changes["rope"] = dataclasses.replace(self.rope, **rope)
+        elif rope is not None:
+            changes["rope"] = rope
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included, the tied head counted once)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + self.num_layers * layer + d + head
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (the ringllama checkpoint's config.json)."""
+        out = dataclasses.asdict(self)
+        out["rope"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out["rope"].items()}
+        out["eos_token_id"] = list(self.eos_token_id)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {', '.join(unknown)}: remove them or fix the spelling.")
+        data = dict(data)
+        if isinstance(data.get("rope"), dict):
+            rope_known = {f.name for f in dataclasses.fields(RopeConfig)}
+            bad = sorted(set(data["rope"]) - rope_known)
+            if bad:
+                raise ConfigError(f"unknown rope field(s) {', '.join(bad)}: use {', '.join(sorted(rope_known))}.")
+            data["rope"] = RopeConfig(**data["rope"])
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:
+        """Read a transformers ``LlamaConfig`` dict, or a directory / file holding ``config.json``."""
+        if not isinstance(source, dict):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise ConfigError(f"no config.json at {path}: point at a Hugging Face model directory.")
+            try:
+                with open(path) as fh:
+                    source = json.load(fh)
+            except json.JSONDecodeError as exc:
+                msg = f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or replace it."
+                raise ConfigError(msg) from exc
+        hf = source
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+            raise ConfigError(
+                f"unsupported architecture {archs or model_type!r}: "
+                "ringllama converts LlamaForCausalLM checkpoints only."
+            )
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            if key not in hf:
+                raise ConfigError(f"the Hugging Face config lacks {key!r}: it is not a complete Llama config.")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ConfigError("this checkpoint uses attention/MLP biases, which Llama 3 does not have.")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported: Llama 3 uses 'silu'.")
+        heads = hf["num_attention_heads"]
+        rope_dict = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if rope_dict.get("rope_type", rope_dict.get("type")) in ("llama3", "yarn", "longrope"):
+            # HF falls back to the model's own context length when the pretraining length is absent.
+            orig = hf.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+            rope_dict.setdefault("original_max_position_embeddings", orig)
+        rope = RopeConfig.from_hf_dict(rope_dict, hf.get("rope_theta", 10000.0))
+        eos = hf.get("eos_token_id")
+        kwargs = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=rope,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=() if eos is None else eos,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers ``LlamaConfig`` dict carrying both the v4 and the v5 rope layouts."""
+        rope_params = self.rope.to_hf_dict()
+        rope_scaling = None
+        if self.rope.rope_type != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+            rope_scaling["type"] = self.rope.rope_type
+        eos = list(self.eos_token_id)
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "rope_theta": self.rope.theta,
+            "rope_scaling": rope_scaling,
+            "rope_parameters": rope_params,
+            "torch_dtype": self.param_dtype,
+        }

@@ -1,0 +1,98 @@
+"""Jit-compiled autoregressive generation with the KV cache: greedy, temperature and top-p.
+
+The whole loop (prefill + ``lax.while_loop`` decode) is one compiled program per
+(config, batch, prompt length, max_new_tokens, sampling settings).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from model.cache import init_cache
+from model.config import LlamaConfig
+from model.llama import Llama
+
+
+def sample_token(logits_bv: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Next token ``[b]`` from last-position logits: argmax when ``temperature == 0``, else nucleus sampling."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv >= cutoff, logits_bv, -jnp.inf)
+    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "eos_ids", "pad_id"))
+def _generate(params, prompt, key, *, config, max_new_tokens, temperature, top_p, eos_ids, pad_id):
+    b, t = prompt.shape
+    model = Llama(config)
+    cache = init_cache(config, b, t + max_new_tokens)
+    logits, cache = model.apply({"params": params}, prompt, cache=cache)
+    key, sub = jax.random.split(key)
+    first = sample_token(logits[:, -1], sub, temperature, top_p)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+
+    def cond(state):
+        i, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, cache, done, out, key = state
+        logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
+        key, sub = jax.random.split(key)
+        nxt = sample_token(logits[:, -1], sub, temperature, top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, cache, done | jnp.isin(nxt, eos), out, key
+
+    state = (jnp.int32(1), first, cache, done, out, key)
+    out = jax.lax.while_loop(cond, body, state)[4]
+    return jnp.concatenate([prompt.astype(jnp.int32), out], axis=1)
+
+
+def generate(
+    config: LlamaConfig,
+    params,
+    prompt: jax.Array,
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: jax.Array | None = None,
+    eos_ids: tuple[int, ...] | None = None,
+    pad_id: int | None = None,
+) -> jax.Array:
+    """Continue ``prompt [b, t]`` by up to ``max_new_tokens``; returns ``[b, t + max_new_tokens]``.
+
+    Greedy when ``temperature == 0`` (token-for-token equal to transformers'
+    ``generate(do_sample=False)``). A sequence stops at any of ``eos_ids`` (default: the
+    config's), after which it is filled with ``pad_id`` (default: the first eos id, or 0).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1.")
+    eos_ids = tuple(config.eos_token_id) if eos_ids is None else tuple(eos_ids)
+    pad_id = (eos_ids[0] if eos_ids else 0) if pad_id is None else pad_id
+    key = jax.random.key(0) if key is None else key
+    return _generate(
+        params,
+        jnp.asarray(prompt, jnp.int32),
+        key,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )

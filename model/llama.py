@@ -1,0 +1,224 @@
+"""Llama 3 as Flax Linen modules, used only through pure ``init``/``apply``.
+
+Parameter tree (``scan_layers=True`` stacks the layers on a leading ``[layers]`` axis under
+``layers``; otherwise they are ``layers_0 … layers_{L-1}``)::
+
+    embed_tokens/embedding        [v, d]     ("vocab", "embed")
+    layers/input_norm/scale       [d]        ("embed",)
+    layers/attn/{q_proj}/kernel   [d, n, h]  ("embed", "heads", "head_dim")
+    layers/attn/{k,v}_proj/kernel [d, k, h]  ("embed", "kv_heads", "head_dim")
+    layers/attn/o_proj/kernel     [n, h, d]  ("heads", "head_dim", "embed")
+    layers/post_attn_norm/scale   [d]
+    layers/mlp/{gate,up}_proj/kernel [d, f]  ("embed", "mlp")
+    layers/mlp/down_proj/kernel   [f, d]     ("mlp", "embed")
+    norm/scale                    [d]
+    lm_head/kernel                [d, v]     ("embed", "vocab")   (absent when tied)
+
+KV cache (`model.cache.init_cache`): ``k``/``v`` ``[layers, b, S, k, h]``, ``positions``
+``[b, S]`` (empty slots hold a position later than any query, so causal masking hides them)
+and ``index``, the next slot to write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attention import attention
+from model import layers as L
+from model.config import LlamaConfig
+from model.rope import rope_cos_sin, rotate
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init=_INIT) -> jax.Array:
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
+
+
+class Attention(nn.Module):
+    """GQA self-attention; K/V stay at ``kv_heads`` all the way into `attention.attention`."""
+
+    config: LlamaConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x_btd, ctx, layer_cache):
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_w = _scoped_param(self, "q_proj", (d, n, h), ("embed", "heads", "head_dim"))
+        k_w = _scoped_param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        v_w = _scoped_param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        o_w = _scoped_param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"))
+        q, k_new, v_new = L.project_qkv(x_btd, q_w.astype(dt), k_w.astype(dt), v_w.astype(dt))
+        q = rotate(q, ctx["cos"], ctx["sin"])
+        k_new = rotate(k_new, ctx["cos"], ctx["sin"])
+        if layer_cache is None:
+            keys, values, kv_pos, new_cache = k_new, v_new, ctx["positions"], None
+        else:
+            start = (0, ctx["cache_index"], 0, 0)
+            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k_new.astype(layer_cache["k"].dtype), start)
+            values = jax.lax.dynamic_update_slice(layer_cache["v"], v_new.astype(layer_cache["v"].dtype), start)
+            kv_pos, new_cache = ctx["kv_positions"], {"k": keys, "v": values}
+            keys, values = keys.astype(dt), values.astype(dt)
+        out = attention(
+            q,
+            keys,
+            values,
+            causal=True,
+            segment_ids=ctx["segment_ids"] if layer_cache is None else None,
+            q_positions=ctx["positions"],
+            kv_positions=kv_pos,
+            impl=cfg.attention_impl,
+            mesh=self.mesh if layer_cache is None else None,
+            chunk_size=cfg.attention_chunk,
+        )
+        return L.project_out(out, o_w.astype(dt)), new_cache
+
+
+def _scoped_param(module: nn.Module, name: str, shape, names) -> jax.Array:
+    """A ``{name}/kernel`` parameter, matching the HF module nesting (``q_proj.weight``)."""
+    return _Kernel(module.config, shape, names, name=name)()
+
+
+class _Kernel(nn.Module):
+    config: LlamaConfig
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return _param(self, "kernel", self.shape, self.names)
+
+
+class _Embedding(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        cfg = self.config
+        return _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+
+
+class _Scale(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        scale = _param(self, "scale", (self.config.hidden_size,), ("embed",), nn.initializers.ones)
+        return L.rms_norm(x_btd, scale, self.config.rms_norm_eps)
+
+
+class Mlp(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate = _scoped_param(self, "gate_proj", (d, f), ("embed", "mlp"))
+        up = _scoped_param(self, "up_proj", (d, f), ("embed", "mlp"))
+        down = _scoped_param(self, "down_proj", (f, d), ("mlp", "embed"))
+        return L.swiglu_mlp(x_btd, gate.astype(dt), up.astype(dt), down.astype(dt))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals; ``(x, layer_cache, ctx) -> (x, new_cache)``."""
+
+    config: LlamaConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x_btd, layer_cache, ctx):
+        attn_out, new_cache = Attention(self.config, self.mesh, name="attn")(
+            _Scale(self.config, name="input_norm")(x_btd), ctx, layer_cache
+        )
+        x_btd = x_btd + attn_out
+        x_btd = x_btd + Mlp(self.config, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
+        return x_btd, new_cache
+
+
+class Llama(nn.Module):
+    """Llama 3 causal LM.
+
+    ``apply({"params": p}, tokens[b, t], positions=None, segment_ids=None)`` → logits
+    ``[b, t, v]``; with ``return_hidden=True`` the final-norm hidden states ``[b, t, d]``
+    instead (the training loss applies the head in chunks); with ``cache=`` a
+    ``(logits, new_cache)`` pair. ``mesh`` is needed only for ring attention.
+    """
+
+    config: LlamaConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden: bool = False):
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = positions.astype(jnp.int32)
+        cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        ctx = {"cos": cos, "sin": sin, "positions": positions, "segment_ids": segment_ids}
+        if cache is not None:
+            ctx["cache_index"] = cache["index"]
+            ctx["kv_positions"] = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, cache["index"]))
+
+        embedding = _Embedding(cfg, name="embed_tokens")()
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [b, t, d]
+
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(
+                DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+            )
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        if cfg.scan_layers:
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.mesh, name="layers")
+            x, new_layer_caches = stack(x, layer_caches, ctx)
+        else:
+            new = []
+            for i in range(cfg.num_layers):
+                one = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+                x, c = layer_cls(cfg, self.mesh, name=f"layers_{i}")(x, one, ctx)
+                new.append(c)
+            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+        x = _Scale(cfg, name="norm")(x)
+        if return_hidden:
+            out = x
+        else:
+            head = (
+                embedding.T
+                if cfg.tie_word_embeddings
+                else _scoped_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            )
+            out = jnp.einsum("btd,dv->btv", x, head.astype(dt))  # [b, t, v]
+        if cache is None:
+            return out
+        new_cache = {
+            "k": new_layer_caches["k"],
+            "v": new_layer_caches["v"],
+            "positions": ctx["kv_positions"],
+            "index": cache["index"] + t,
+        }
+        return out, new_cache

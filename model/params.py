@@ -1,0 +1,55 @@
+"""Parameter creation and inspection: init, logical axis names, the output head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import LlamaConfig
+from model.llama import Llama
+
+Params = dict[str, Any]
+
+
+def _init_fn(config: LlamaConfig):
+    model = Llama(config)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return lambda key: model.init(key, tokens)["params"]
+
+
+def abstract_params(config: LlamaConfig) -> Params:
+    """The parameter tree as boxed ``jax.ShapeDtypeStruct`` leaves (``nn.LogicallyPartitioned``)."""
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))
+
+
+def logical_axes(config: LlamaConfig) -> Params:
+    """Logical axis names for every parameter, e.g. ``("embed", "heads", "head_dim")``; a tree of tuples."""
+    boxed = abstract_params(config)
+    return jax.tree.map(lambda x: tuple(x.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def init_params(config: LlamaConfig, key: jax.Array, out_shardings: Any = None) -> Params:
+    """Random parameters (normal 0.02, norms at 1), unboxed.
+
+    With ``out_shardings`` (a tree matching the params, e.g. from `sharding.param_shardings`)
+    the init runs under ``jax.jit`` so no full-size array ever lands on one device.
+    """
+    fn = lambda k: nn.meta.unbox(_init_fn(config)(k))
+    if out_shardings is None:
+        return jax.jit(fn)(key)
+    return jax.jit(fn, out_shardings=out_shardings)(key)
+
+
+def lm_head_kernel(params: Params, config: LlamaConfig) -> jax.Array:
+    """The output projection ``[d, v]`` (the embedding transposed when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def count_params(params: Params) -> int:
+    """Number of scalars in a parameter tree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,223 @@
+"""Rotary position embeddings: frequencies for every HF rope type, precise angles, rotation.
+
+Layout is HF's half-split (``rotate_half``): for ``x = [x1, x2]`` along head_dim,
+``out = [x1·cos − x2·sin, x2·cos + x1·sin]``, so HF q/k weights load with a transpose only.
+
+Frequencies are computed on the host in float64 from the (static) config. Angles are the
+delicate part: ``pos · inv_freq`` in fp32 loses ~1e-1 rad at positions near 4M because the
+product is ~1e6 rad and fp32 keeps only 24 bits. `rope_angles` instead splits the int32
+position into 12-bit digits, multiplies each digit by a 12-significant-bit constant (an
+exact fp32 product), reduces each exact product modulo 2π with a three-part 2π
+(Cody–Waite), and only then adds — errors stay around 1e-6 rad for any int32 position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import RopeConfig
+
+_DIGIT_BITS = 12
+_NUM_DIGITS = 3  # 36 bits cover every non-negative int32 position
+
+
+def _split_bits(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split float64 ``x`` into ``hi`` with ``bits`` significant bits and the float64 rest."""
+    mant, expo = np.frexp(x)
+    hi = np.ldexp(np.round(np.ldexp(mant, bits)), expo - bits)
+    return hi, x - hi
+
+
+# 2π as three pieces of 11 significant bits each: k·piece is exact in fp32 for k < 2^13.
+_TWO_PI_1, _rest = _split_bits(np.float64(2 * math.pi), 11)
+_TWO_PI_2, _rest = _split_bits(_rest, 11)
+_TWO_PI_3 = _rest
+
+
+def default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """``inv_freq[i] = θ^(−2i/d)`` for ``i < d/2``, float64."""
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def dynamic_theta(rope: RopeConfig, head_dim: int, seq_len, max_position_embeddings: int):
+    """NTK-dynamic θ' = θ·((f·L/M) − (f−1))^(d/(d−2)) with L = max(seq_len, M); works on jnp scalars."""
+    length = (
+        jnp.maximum(seq_len, max_position_embeddings)
+        if not isinstance(seq_len, int)
+        else max(seq_len, max_position_embeddings)
+    )
+    f = rope.factor
+    return rope.theta * ((f * length / max_position_embeddings) - (f - 1)) ** (head_dim / (head_dim - 2))
+
+
+def inv_freq_and_scale(
+    rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``[head_dim/2]`` (float64) and the attention factor for a rope config.
+
+    ``seq_len`` matters for ``dynamic`` (θ grows past ``max_position_embeddings``) and for
+    ``longrope`` (long factors once the sequence exceeds the pretraining length); like HF,
+    it is the largest position + 1.
+    """
+    d = head_dim
+    base = default_inv_freq(rope.theta, d)
+    kind = rope.rope_type
+    if kind == "default":
+        return base, 1.0
+    if kind == "linear":
+        return base / rope.factor, 1.0
+    if kind == "dynamic":
+        theta = dynamic_theta(rope, d, int(seq_len or max_position_embeddings), max_position_embeddings)
+        return default_inv_freq(float(theta), d), 1.0
+    if kind == "llama3":
+        orig, factor = rope.original_max_position_embeddings, rope.factor
+        low_wavelen = orig / rope.low_freq_factor
+        high_wavelen = orig / rope.high_freq_factor
+        wavelen = 2 * math.pi / base
+        scaled = np.where(wavelen > low_wavelen, base / factor, base)
+        smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(rope, d, base)
+    if kind == "longrope":
+        orig = rope.original_max_position_embeddings
+        factor = rope.factor if rope.factor is not None else max_position_embeddings / orig
+        scale = rope.attention_factor
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        use_long = seq_len is not None and seq_len > orig
+        ext = np.asarray(rope.long_factor if use_long else rope.short_factor, dtype=np.float64)
+        if ext.shape != base.shape:
+            raise ValueError(f"longrope factors need {base.shape[0]} entries (head_dim/2), got {ext.shape[0]}.")
+        return base / ext, float(scale)
+    raise ValueError(f"unknown rope type {kind!r}")
+
+
+def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float]:
+    """YaRN: ramp from extrapolated to interpolated frequencies across the correction range."""
+    factor, orig, theta = rope.factor, rope.original_max_position_embeddings, rope.theta
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    scale = rope.attention_factor
+    if scale is None:
+        if rope.mscale and rope.mscale_all_dim:
+            scale = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            scale = mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (d * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate is None or rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp
+    inv = (base / factor) * (1 - extrapolate) + base * extrapolate
+    return inv, float(scale)
+
+
+def _reduce_exact(x: jax.Array) -> jax.Array:
+    """``x mod 2π`` into about [−π, π] for an fp32 ``x`` that is exact and below ~5e4."""
+    k = jnp.round(x * (1.0 / (2 * math.pi)))
+    return ((x - k * _TWO_PI_1.astype(np.float32)) - k * _TWO_PI_2.astype(np.float32)) - k * np.float32(_TWO_PI_3)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotation angles ``[..., d/2]`` in fp32, reduced modulo 2π, accurate for any int32 position.
+
+    Args:
+        positions: int ``[...]`` (non-negative).
+        inv_freq: float64 ``[d/2]`` (host constants).
+
+    Returns:
+        fp32 ``[..., d/2]`` equal to ``positions · inv_freq`` modulo 2π.
+    """
+    pos = positions.astype(jnp.int32)[..., None]
+    mask = (1 << _DIGIT_BITS) - 1
+    angle = jnp.zeros(pos.shape[:-1] + inv_freq.shape, jnp.float32)
+    small = jnp.zeros_like(angle)
+    for j in range(_NUM_DIGITS):
+        digit = ((pos >> (_DIGIT_BITS * j)) & mask).astype(jnp.float32)
+        # Digit j contributes digit · (2^(12j)·inv mod 2π); the constant is reduced on the host.
+        const = np.mod(np.ldexp(inv_freq, _DIGIT_BITS * j), 2 * math.pi) if j else inv_freq
+        hi, lo = _split_bits(const, _DIGIT_BITS)
+        angle = angle + _reduce_exact(digit * hi.astype(np.float32))  # exact product: 12 × 12 bits
+        small = small + digit * lo.astype(np.float32)
+    return angle + small
+
+
+def rope_cos_sin(
+    positions: jax.Array, rope: RopeConfig, head_dim: int, max_position_embeddings: int
+) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``[batch, seq, head_dim/2]`` (fp32, attention factor applied).
+
+    ``dynamic`` and ``longrope`` depend on the largest position in ``positions``, as in HF.
+    """
+    if rope.rope_type == "dynamic":
+        # θ depends on a traced length, so the frequencies are built in-graph (fp32 angles).
+        seq_len = jnp.max(positions).astype(jnp.float32) + 1.0
+        theta = dynamic_theta(rope, head_dim, seq_len, max_position_embeddings)
+        exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+        inv = 1.0 / (theta**exponents)
+        ang = jnp.einsum("...,f->...f", positions.astype(jnp.float32), inv, precision=jax.lax.Precision.HIGHEST)
+        return jnp.cos(ang), jnp.sin(ang)
+    if rope.rope_type == "longrope":
+        short, scale = inv_freq_and_scale(rope, head_dim, max_position_embeddings, seq_len=None)
+        long, _ = inv_freq_and_scale(rope, head_dim, max_position_embeddings, seq_len=1 << 62)
+        use_long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+        ang = jnp.where(use_long, rope_angles(positions, long), rope_angles(positions, short))
+        return jnp.cos(ang) * scale, jnp.sin(ang) * scale
+    inv, scale = inv_freq_and_scale(rope, head_dim, max_position_embeddings)
+    ang = rope_angles(positions, inv)
+    return jnp.cos(ang) * scale, jnp.sin(ang) * scale
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` by ``cos/sin [batch, seq, head_dim/2]`` (half-split)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, rope: RopeConfig | None = None, max_position_embeddings: int = 8192
+) -> jax.Array:
+    """Apply RoPE to ``x [batch, seq, heads, head_dim]`` at explicit int32 ``positions [batch, seq]``.
+
+    Positions are global token indices, so a sequence shard passes its own slice of them.
+    """
+    rope = rope or RopeConfig()
+    cos, sin = rope_cos_sin(positions, rope, x.shape[-1], max_position_embeddings)
+    return rotate(x, cos, sin)
+
+
+def theta_for_length(
+    target_len: int, base_theta: float = 500000.0, base_len: int = 8192, head_dim: int = 128, rule: str = "critical"
+) -> float:
+    """θ for a new context length.
+
+    ``critical`` keeps the critical dimension fixed: θ' = (L'/2π)^(ln θ₀ / ln(L₀/2π))
+    (2.835e8 at 262,144 and 3.580e9 at 1,048,576 from θ₀ = 500000, L₀ = 8192).
+    ``ntk`` is the NTK-aware rule θ' = θ₀·(L'/L₀)^(d/(d−2)).
+    """
+    if target_len <= 0 or base_len <= 0 or base_theta <= 1:
+        raise ValueError("theta_for_length needs positive lengths and a base θ above 1.")
+    if rule == "critical":
+        return float((target_len / (2 * math.pi)) ** (math.log(base_theta) / math.log(base_len / (2 * math.pi))))
+    if rule == "ntk":
+        return float(base_theta * (target_len / base_len) ** (head_dim / (head_dim - 2)))
+    raise ValueError(f"unknown θ rule {rule!r}: use 'critical' or 'ntk'.")

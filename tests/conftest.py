@@ -1,0 +1,24 @@
+"""Test setup: an emulated 8-device CPU mesh and fp32-exact matmuls.
+
+``XLA_FLAGS`` must be set before jax is first imported, so it happens here at import time.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+# Tolerances in the tests are fp32 ones; XLA's CPU default may use lower-precision dots.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
