@@ -41,6 +41,15 @@ _REMAT_POLICIES = {
 }
 
 
+def _constrain(x: jax.Array, names: tuple[str, ...], mesh) -> jax.Array:
+    """Shard an activation by the rules table (`sharding.rules`); without a mesh nothing changes."""
+    if mesh is None:
+        return x
+    from sharding.rules import constrain  # lazy: sharding.rules builds param shardings from this model
+
+    return constrain(x, names, mesh)
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init=_INIT) -> jax.Array:
     cfg = module.config
     return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
@@ -65,6 +74,9 @@ class Attention(nn.Module):
         q = rotate(q, ctx["cos"], ctx["sin"])
         k_new = rotate(k_new, ctx["cos"], ctx["sin"])
         if layer_cache is None:
+            q = _constrain(q, ("batch", "length", "heads", "head_dim"), self.mesh)
+            k_new = _constrain(k_new, ("batch", "length", "kv_heads", "head_dim"), self.mesh)
+            v_new = _constrain(v_new, ("batch", "length", "kv_heads", "head_dim"), self.mesh)
             keys, values, kv_pos, new_cache = k_new, v_new, ctx["positions"], None
         else:
             start = (0, ctx["cache_index"], 0, 0)
@@ -147,6 +159,8 @@ class DecoderLayer(nn.Module):
         )
         x_btd = x_btd + attn_out
         x_btd = x_btd + Mlp(self.config, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
+        if layer_cache is None:
+            x_btd = _constrain(x_btd, ("batch", "length", "embed"), self.mesh)
         return x_btd, new_cache
 
 
@@ -179,6 +193,8 @@ class Llama(nn.Module):
 
         embedding = _Embedding(cfg, name="embed_tokens")()
         x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [b, t, d]
+        mesh = self.mesh if cache is None else None  # decoding with a cache runs unsharded
+        x = _constrain(x, ("batch", "length", "embed"), mesh)
 
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
@@ -213,6 +229,7 @@ class Llama(nn.Module):
                 else _scoped_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
             )
             out = jnp.einsum("btd,dv->btv", x, head.astype(dt))  # [b, t, v]
+            out = _constrain(out, ("batch", "length", "vocab"), mesh)
         if cache is None:
             return out
         new_cache = {

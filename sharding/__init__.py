@@ -1,5 +1,56 @@
-"""Sharding for ringllama: the mesh builder (more to come: rules, planner, multi-host)."""
+"""Sharding for ringllama: the mesh, the logical-axis rules table, multi-host start-up, the memory planner.
 
+mesh = make_mesh(MeshConfig(data=2, sequence=4))
+params = model.init_params(cfg, key, out_shardings=param_shardings(cfg, mesh))
+tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+plan = plan_memory(cfg, seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
+"""
+
+from sharding.distributed import (
+    DistributedError,
+    detect_cluster,
+    global_array_from_process_data,
+    initialize_distributed,
+    process_local_index,
+)
 from sharding.mesh import AXES, MeshConfig, MeshError, make_mesh
+from sharding.rules import (
+    ACTIVATION_RULES,
+    PARAM_RULES,
+    RULES_TABLE,
+    RulesError,
+    batch_sharding,
+    constrain,
+    local_shape,
+    logical_to_axes,
+    logical_to_spec,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+    shard_params,
+)
 
-__all__ = ["AXES", "MeshConfig", "MeshError", "make_mesh"]
+__all__ = [
+    "ACTIVATION_RULES",
+    "AXES",
+    "PARAM_RULES",
+    "RULES_TABLE",
+    "DistributedError",
+    "MeshConfig",
+    "MeshError",
+    "RulesError",
+    "batch_sharding",
+    "constrain",
+    "detect_cluster",
+    "global_array_from_process_data",
+    "initialize_distributed",
+    "local_shape",
+    "logical_to_axes",
+    "logical_to_spec",
+    "make_mesh",
+    "opt_state_shardings",
+    "param_shardings",
+    "process_local_index",
+    "replicated",
+    "shard_params",
+]
