@@ -1,0 +1,127 @@
+"""Checkpoints: an orbax ``CheckpointManager`` holding the train state and a JSON metadata record.
+
+Each step directory holds two items: ``state`` (the `TrainState` pytree, ``StandardSave``) and
+``meta`` (``JsonSave``: stage, global step, data-iterator state, RNG key data, config dicts — whatever
+the runner needs to resume exactly). Properties the trainer relies on:
+
+- **Async**: `Checkpointer.save` returns once the arrays are copied off the devices; the files are
+  written in a background thread, so the next (donating) train step may run at once. `wait` blocks
+  until the write is committed.
+- **Atomic**: orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only
+  after everything is on disk, so a save killed halfway never replaces or hides the last good
+  checkpoint; `latest_step` only sees committed steps and leftover tmp dirs are removed when the
+  directory is next opened.
+- **Any mesh**: `restore` reads into an abstract target (``jax.ShapeDtypeStruct`` with the
+  *current* mesh's shardings, `train.state.abstract_state`), so a checkpoint written on one mesh
+  shape restores onto another.
+- **Keep-N**: older steps beyond ``keep`` are deleted after a newer one is committed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or does not fit; the message names it and the fix."""
+
+
+class Checkpointer:
+    """Save and restore ``(state, meta)`` pairs under ``directory``, one sub-directory per step.
+
+    Args:
+        directory: the checkpoint root (created if missing).
+        keep: committed steps to keep (older ones are deleted); ``None`` keeps all.
+        async_save: write in a background thread (`wait` before exiting or reading back).
+        read_only: open an existing directory for restoring only (never creates or deletes).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, keep: int | None = 3, async_save: bool = True, *, read_only: bool = False
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoint directory at {self.directory}: check the path (or train first).")
+        if keep is not None and keep < 1:
+            raise CheckpointError(f"checkpoint keep must be ≥ 1 (or None for all), got {keep}.")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            # A save killed mid-write leaves a tmp dir; remove such debris when the directory is reopened.
+            cleanup_tmp_directories=not read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start saving ``state`` and the JSON-serialisable ``meta`` as ``step`` (async unless disabled)."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
+        self._manager.save(int(step), args=args, force=True)
+
+    def wait(self) -> None:
+        """Block until every started save is committed to disk."""
+        self._manager.wait_until_finished()
+
+    # ------------------------------------------------------------------ reading
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None`` when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(
+                    f"no committed checkpoint in {self.directory}: train first, or point at the run directory."
+                )
+        elif int(step) not in self._manager.all_steps():
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps() or 'none'}."
+            )
+        return int(step)
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """Only the metadata of ``step`` (default: the latest), e.g. to rebuild configs before restoring."""
+        step = self._resolve(step)
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore ``(state, meta)`` of ``step`` (``None``: the latest) onto ``abstract_state``'s shardings.
+
+        Args:
+            step: the step to read, or ``None`` for the newest committed one.
+            abstract_state: the target tree of ``jax.ShapeDtypeStruct`` carrying shardings for the
+                current mesh (`train.state.abstract_state`); it may differ from the writer's mesh.
+        """
+        step = self._resolve(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        try:
+            out = self._manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the model/optimizer being restored "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): use the same model and optimizer "
+                "config as the run that wrote it."
+            ) from exc
+        return out["state"], dict(out["meta"])
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

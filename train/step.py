@@ -1,0 +1,208 @@
+"""The jitted, sharded train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
+
+One ``jax.jit`` per (config, mesh, batch shape) with explicit in/out shardings and the state donated:
+params and Adam moments are sharded by the rules table (`train.state.state_shardings`), the batch
+``[b, t]`` over ``(data, fsdp)`` × ``sequence`` (`sharding.rules.batch_sharding`), metrics replicated.
+Activations follow the model's own constraints; with a ``sequence`` axis > 1 and
+``attention_impl="auto"`` the model runs ring attention. Batches come from the data pipeline
+already in the ring layout with explicit positions, so nothing here depends on the layout.
+
+Numerics: params stay in ``param_dtype`` (fp32 master weights), the model computes in ``dtype``
+(bf16 on accelerators), the loss and its reductions are fp32, and gradients are accumulated in
+fp32. The loss is the mean over counted tokens of the *whole* batch: each micro-batch contributes
+``loss_sum / count_total``, so k micro-batches give the same gradient as one big batch.
+
+Gradient accumulation is a ``lax.scan`` over micro-batches inside the step (rather than
+``optax.MultiSteps``): memory is one micro-batch's activations plus one fp32 gradient buffer, the
+optimizer runs once per step, and ``state.step`` counts real updates. Micro-batch ``j`` takes rows
+``j, j + k, j + 2k, …`` so each one keeps an equal share of every data-parallel shard.
+
+A step whose loss or gradient norm is not finite leaves the state as it was (``finite=False`` in the
+metrics; `train.guards.check_finite` turns that into an error naming the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from model.config import LlamaConfig
+from model.llama import Llama
+from model.params import lm_head_kernel
+from sharding.rules import batch_sharding, constrain, param_shardings, replicated
+from train.loss import chunked_cross_entropy
+from train.optim import OptimConfig, apply_updates, make_optimizer, make_schedule
+from train.state import TrainState, state_shardings
+
+Batch = dict[str, Any]
+# What the model and the loss read; the data pipeline may add more fields (they are dropped).
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def _loss_sums(
+    model: Llama, cfg: LlamaConfig, params: Any, batch: Batch, loss_chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    hidden_btd = model.apply(
+        {"params": params},
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        return_hidden=True,
+    )
+    return chunked_cross_entropy(
+        hidden_btd, lm_head_kernel(params, cfg), batch["targets"], batch["loss_mask"], loss_chunk
+    )
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    """``[b, …]`` → ``[k, b/k, …]`` with micro-batch j = rows j, j+k, … (keeps every data shard busy)."""
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+
+
+def _batch_shardings(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
+    return {k: batch_sharding(mesh, np.shape(batch[k])) for k in BATCH_KEYS}
+
+
+def put_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a host batch on the mesh (``[b, t]`` over data/fsdp × sequence).
+
+    With several processes each passes its host-local rows (the data iterator's slice) and the
+    global array is assembled from them.
+    """
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    if jax.process_count() == 1:
+        return jax.device_put(batch, _batch_shardings(mesh, batch))
+    out = {}
+    for k, x in batch.items():
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
+    return out
+
+
+def make_train_step(
+    model_cfg: LlamaConfig,
+    optim_cfg: OptimConfig,
+    mesh: Mesh,
+    *,
+    total_steps: int,
+    loss_chunk: int = 1024,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build ``step(state, batch) -> (state, metrics)``.
+
+    Args:
+        model_cfg: the model (its ``dtype``, ``remat_policy``, ``attention_impl`` apply).
+        optim_cfg: optimizer, schedule and ``grad_accum_steps``.
+        mesh: the device mesh; ``state`` must be sharded as `train.state.state_shardings` says.
+        total_steps: optimizer steps of this stage (the schedule's horizon).
+        loss_chunk: positions per chunk of the chunked cross-entropy.
+        donate: donate the input state's buffers (the caller must not reuse ``state``).
+
+    Returns:
+        A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
+        ``targets``, ``positions``, ``segment_ids``, ``loss_mask``; numpy arrays are placed with
+        `put_batch`) and returning the new state and metrics: ``loss`` (mean over counted tokens),
+        ``grad_norm`` (before clipping), ``lr``, ``tokens`` (counted tokens), ``finite`` (bool).
+        ``b`` must be divisible by ``grad_accum_steps``.
+    """
+    model = Llama(model_cfg, mesh=mesh)
+    tx = make_optimizer(optim_cfg)
+    schedule = make_schedule(optim_cfg, total_steps)
+    k = int(optim_cfg.grad_accum_steps)
+    st_sh = state_shardings(model_cfg, optim_cfg, mesh)
+    rep = replicated(mesh)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        denom = jnp.maximum(count, 1.0)
+
+        def objective(params, mb):
+            loss_sum, _ = _loss_sums(model, model_cfg, params, mb, loss_chunk)
+            return loss_sum / denom, loss_sum
+
+        grad_fn = jax.grad(objective, has_aux=True)
+        if k == 1:
+            grads, loss_sum = grad_fn(state.params, batch)
+        else:
+            micro = {name: _split_micro(batch[name], k) for name in BATCH_KEYS}
+
+            def accumulate(carry, mb):
+                g_acc, l_acc = carry
+                mb = {name: constrain(x, ("batch", "length"), mesh) for name, x in mb.items()}
+                g, l_sum = grad_fn(state.params, mb)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                return (g_acc, l_acc + l_sum), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, st_sh.params)
+            (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lr = schedule(state.step)
+        params, opt_state = apply_updates(tx, grads, state.opt_state, state.params, lr)
+        new = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+        # A non-finite step changes nothing, so the in-memory state stays the last good one.
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "finite": finite}
+        return new, metrics
+
+    compiled: dict[tuple, Callable] = {}
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = {name: batch[name] for name in BATCH_KEYS}
+        shapes = tuple(tuple(np.shape(x)) for x in batch.values())
+        if shapes[0][0] % k:
+            raise ValueError(f"batch size {shapes[0][0]} is not divisible by grad_accum_steps={k}.")
+        if shapes not in compiled:
+            in_sh = (st_sh, _batch_shardings(mesh, batch))
+            metrics_sh = dict.fromkeys(("loss", "grad_norm", "lr", "tokens", "finite"), rep)
+            compiled[shapes] = jax.jit(
+                step,
+                in_shardings=in_sh,
+                out_shardings=(st_sh, metrics_sh),
+                donate_argnums=(0,) if donate else (),
+            )
+        if any(isinstance(x, np.ndarray) for x in batch.values()):
+            batch = put_batch(batch, mesh)
+        return compiled[shapes](state, batch)
+
+    train_step.jitted = compiled  # the compiled variants, by batch shapes (for benchmarks / lowering)
+    train_step.step_fn = step  # the un-jitted step, for lowering with other shardings
+    return train_step
+
+
+def make_eval_step(
+    model_cfg: LlamaConfig, mesh: Mesh, *, loss_chunk: int = 1024
+) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+    """Build ``eval_step(params, batch) -> (loss_sum, count)`` for held-out perplexity.
+
+    Sum the two over batches; perplexity is ``exp(Σ loss_sum / Σ count)``.
+    """
+    model = Llama(model_cfg, mesh=mesh)
+    p_sh = param_shardings(model_cfg, mesh)
+    rep = replicated(mesh)
+    compiled: dict[tuple, Callable] = {}
+
+    def fn(params, batch):
+        return _loss_sums(model, model_cfg, params, batch, loss_chunk)
+
+    def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        batch = {name: batch[name] for name in BATCH_KEYS}
+        shapes = tuple(tuple(np.shape(x)) for x in batch.values())
+        if shapes not in compiled:
+            in_sh = (p_sh, _batch_shardings(mesh, batch))
+            compiled[shapes] = jax.jit(fn, in_shardings=in_sh, out_shardings=(rep, rep))
+        if any(isinstance(x, np.ndarray) for x in batch.values()):
+            batch = put_batch(batch, mesh)
+        return compiled[shapes](params, batch)
+
+    return eval_step
