@@ -224,21 +224,27 @@ def get_param(params: dict[str, Any], rule: Rule, layer: int | None, cfg: LlamaC
     return node if index is None else node[index]
 
 
+def param_paths(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every ringllama parameter path → its shape, in the layout ``cfg.scan_layers`` selects."""
+    out: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for rule, layer in expected_tensors(cfg).values():
+        if layer is not None and cfg.scan_layers:
+            out[("layers", *rule.path)] = (cfg.num_layers, *rule.flax_shape(cfg))
+        elif layer is not None:
+            out[(f"layers_{layer}", *rule.path)] = rule.flax_shape(cfg)
+        else:
+            out[rule.path] = rule.flax_shape(cfg)
+    return out
+
+
 def empty_params(cfg: LlamaConfig, dtype) -> dict[str, Any]:
     """A numpy parameter tree of the right shapes to fill tensor by tensor."""
     params: dict[str, Any] = {}
-    for rule, layer in expected_tensors(cfg).values():
-        if layer is not None and cfg.scan_layers:
-            if layer:
-                continue
-            shape, root = (cfg.num_layers, *rule.flax_shape(cfg)), params.setdefault("layers", {})
-        elif layer is not None:
-            shape, root = rule.flax_shape(cfg), params.setdefault(f"layers_{layer}", {})
-        else:
-            shape, root = rule.flax_shape(cfg), params
-        for key in rule.path[:-1]:
+    for path, shape in param_paths(cfg).items():
+        root = params
+        for key in path[:-1]:
             root = root.setdefault(key, {})
-        root[rule.path[-1]] = np.empty(shape, dtype)
+        root[path[-1]] = np.empty(shape, dtype)
     return params
 
 

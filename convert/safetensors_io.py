@@ -1,0 +1,215 @@
+"""Safetensors checkpoints on disk: list and read them lazily, write them one tensor at a time.
+
+Reading goes through `safetensors.safe_open` (numpy framework; ``ml_dtypes`` is imported first so
+bf16 tensors come back as ``ml_dtypes.bfloat16``). Writing uses the format directly — an 8-byte
+little-endian header length, a JSON header, then the raw tensor bytes — because the header can be
+computed from shapes alone, so a shard is written tensor by tensor and never buffered whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors reads it)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from convert.names import ConversionError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype codes for the float types a Llama checkpoint holds.
+DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is, read from a safetensors header."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # numpy-style name, e.g. "bfloat16"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size like ``"5GB"`` (10⁹), ``"2GiB"`` (2³⁰), ``"500MB"`` or a plain integer."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
+        if not m:
+            raise ConversionError(f"cannot read the size {text!r}: write it like 5GB, 500MB or 2GiB.")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+    if value <= 0:
+        raise ConversionError(f"the shard size must be positive, got {text!r}.")
+    return value
+
+
+def _open(file: Path):
+    """`safe_open` with its errors turned into one sentence naming the file."""
+    try:
+        return safe_open(str(file), framework="np")
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{file} is missing: the checkpoint is incomplete, copy or download it again.") from exc
+    except (SafetensorError, OSError) as exc:
+        raise ConversionError(
+            f"{file} is not a readable safetensors file ({exc}): it is truncated or corrupt, copy or download it again."
+        ) from exc
+
+
+def _files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConversionError(
+                f"{index} is not a valid safetensors index (it needs a 'weight_map' object): fix or replace it."
+            ) from exc
+        return [model_dir / f for f in sorted(set(weight_map.values()))], weight_map
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE], None
+    raise ConversionError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}: point at a Hugging Face model directory "
+        "saved with safetensors (save_pretrained(..., safe_serialization=True))."
+    )
+
+
+def list_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a single-file or sharded HF checkpoint, from the headers only (no data read)."""
+    model_dir = Path(model_dir)
+    files, weight_map = _files(model_dir)
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                code = piece.get_dtype()
+                if code not in CODE_DTYPES:
+                    raise ConversionError(
+                        f"tensor {name} in {file.name} is stored as {code}: only float checkpoints "
+                        "(F32, BF16, F16) can be converted; dequantize it first."
+                    )
+                if name in infos:
+                    raise ConversionError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}.")
+                infos[name] = TensorInfo(name, file, tuple(piece.get_shape()), CODE_DTYPES[code])
+    if weight_map is not None:
+        for name, fname in weight_map.items():
+            if name not in infos or infos[name].file.name != fname:
+                raise ConversionError(
+                    f"{INDEX_FILE} maps {name} to {fname} but that file does not hold it: "
+                    "the index and the shards disagree."
+                )
+    return infos
+
+
+def read_tensors(infos: Iterable[TensorInfo]) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+    """Yield ``(info, array)`` one tensor at a time, opening each file once."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        by_file.setdefault(info.file, []).append(info)
+    for file, group in by_file.items():
+        with _open(file) as f:
+            for info in group:
+                yield info, f.get_tensor(info.name)
+
+
+def arrays_equal(a: TensorInfo, b: TensorInfo, rows: int = 4096) -> bool:
+    """Whether two stored 2-D tensors are bit-for-bit equal, compared a block of rows at a time."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    with _open(a.file) as fa, _open(b.file) as fb:
+        sa, sb = fa.get_slice(a.name), fb.get_slice(b.name)
+        for start in range(0, a.shape[0], rows):
+            x, y = sa[start : start + rows], sb[start : start + rows]
+            if not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+                return False
+    return True
+
+
+# ------------------------------------------------------------------------------------ writing
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: name, shape and numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """HF file names: ``model.safetensors`` alone, else ``model-0000k-of-0000N.safetensors``."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def write_safetensors(
+    file: Path, specs: list[TensorSpec], arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``arrays`` (one per spec, in order, produced lazily) as one safetensors file."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for spec, array in zip(specs, arrays, strict=True):
+            if tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+                raise ConversionError(
+                    f"tensor {spec.name} came out as {array.dtype}{list(array.shape)}, "
+                    f"expected {spec.dtype}{list(spec.shape)}."
+                )
+            # Raw little-endian bytes; a uint8 view avoids the copy `tobytes` would make.
+            fh.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        if fh.tell() != 8 + len(raw) + offset:
+            raise ConversionError(f"wrote {fh.tell()} bytes to {file.name}, expected {8 + len(raw) + offset}.")
