@@ -6,6 +6,8 @@ checkpoint's own), a ``tokenizer.json`` path, or Meta's ``tokenizer.model`` (tik
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from dataclasses import dataclass
@@ -66,7 +68,10 @@ class HFTokenizer:
         self.eos_id = self._token_id(meta.get("eos_token")) if "eos_token" in meta else meta.get("eos_token_id")
         if isinstance(self.eos_id, list):
             self.eos_id = self.eos_id[0]
-        self.pad_id = self.eos_id if self.eos_id is not None else 0
+        pad = self._token_id(meta.get("pad_token")) if meta.get("pad_token") else meta.get("pad_token_id")
+        if pad is None:
+            pad = self.eos_id if self.eos_id is not None else 0
+        self.pad_id = int(pad)
 
     def _token_id(self, token) -> int | None:
         if isinstance(token, dict):
@@ -82,7 +87,8 @@ class HFTokenizer:
 
 # Llama 3's pre-tokenisation pattern and special tokens (from Meta's released tokenizer).
 _LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
 )
 _LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
@@ -99,21 +105,52 @@ _LLAMA3_SPECIALS = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
 
+def read_bpe_ranks(path: str) -> dict[bytes, int]:
+    """A tiktoken ranks file: one ``<base64 token> <rank>`` per line.
+
+    Read directly rather than through ``tiktoken.load.load_tiktoken_bpe``, whose cache is keyed
+    by the path string and would serve stale ranks after the file at that path changes.
+    """
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {path} ({exc.strerror}): give a readable tokenizer.model.") from exc
+    ranks = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise TokenizerError(
+                f"{path} line {number} is not '<base64 token> <rank>': give a tiktoken BPE file "
+                "(Llama 3's original tokenizer.model), or a tokenizer.json."
+            ) from None
+    if not ranks:
+        raise TokenizerError(f"{path} holds no BPE ranks: give Llama 3's tokenizer.model.")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: BPE ranks must be 0..{len(ranks) - 1} without gaps or repeats.")
+    return ranks
+
+
 class TiktokenTokenizer:
     """Meta's Llama 3 ``tokenizer.model`` (base64 BPE ranks) through the ``tiktoken`` package."""
 
     def __init__(self, path: str):
         try:
             import tiktoken
-            from tiktoken.load import load_tiktoken_bpe
         except ImportError as exc:
             raise TokenizerError("reading tokenizer.model needs tiktoken: pip install 'ringllama[tiktoken]'.") from exc
-        try:
-            ranks = load_tiktoken_bpe(path)
-        except Exception as exc:
-            raise TokenizerError(f"cannot read {path} as a tiktoken BPE file: {exc}.") from exc
+        ranks = read_bpe_ranks(path)
         specials = {tok: len(ranks) + i for i, tok in enumerate(_LLAMA3_SPECIALS)}
-        self._enc = tiktoken.Encoding("llama3", pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        try:
+            self._enc = tiktoken.Encoding(
+                "llama3", pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+            )
+        except Exception as exc:  # tiktoken raises ValueError / its own errors for inconsistent ranks
+            raise TokenizerError(f"tiktoken rejected the ranks in {path}: {exc}.") from exc
         self.vocab_size = len(ranks) + len(specials)
         self.bos_id = specials["<|begin_of_text|>"]
         self.eos_id = specials["<|end_of_text|>"]
@@ -137,5 +174,7 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
             return TiktokenTokenizer(os.path.join(spec, "tokenizer.model"))
         raise TokenizerError(f"{spec} holds neither tokenizer.json nor tokenizer.model: point at a tokenizer file.")
     if not os.path.isfile(spec):
-        raise TokenizerError(f"tokenizer {spec!r} does not exist: use 'byte', a tokenizer.json or tokenizer.model path.")
+        raise TokenizerError(
+            f"tokenizer {spec!r} does not exist: use 'byte', a directory, a tokenizer.json or a tokenizer.model path."
+        )
     return TiktokenTokenizer(spec) if spec.endswith(".model") else HFTokenizer(spec)
