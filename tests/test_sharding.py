@@ -33,6 +33,13 @@ def mesh():
     return make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
 
 
+@pytest.fixture(scope="module")
+def params(mesh):
+    """(plain, sharded) params from the same key: one compile each, shared by the tests below."""
+    key = jax.random.key(3)
+    return model.init_params(CFG, key), model.init_params(CFG, key, out_shardings=param_shardings(CFG, mesh))
+
+
 def test_rules_table_specs():
     assert logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp"), "sequence", None)
     assert logical_to_spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), "sequence", "tensor", None)
@@ -66,13 +73,11 @@ def test_divisibility_falls_back_to_replication_by_prefix():
         logical_to_spec(("batch", "length"), ACTIVATION_RULES, sizes, (2, 16), strict=True)
 
 
-def test_param_shardings_init_and_shard_params(mesh):
+def test_param_shardings_init_and_shard_params(mesh, params):
     shardings = param_shardings(CFG, mesh)
     assert shardings["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)
     assert shardings["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
-    key = jax.random.key(3)
-    sharded = model.init_params(CFG, key, out_shardings=shardings)
-    plain = model.init_params(CFG, key)
+    plain, sharded = params
     assert jax.tree.structure(sharded) == jax.tree.structure(shardings)
     names = model.logical_axes(CFG)
     is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
@@ -119,9 +124,9 @@ def test_batch_sharding(mesh):
     assert batch_sharding(mesh, (1, 16)).shard_shape((1, 16)) == (1, 8)
 
 
-def test_opt_state_shardings_mirror_params(mesh):
+def test_opt_state_shardings_mirror_params(mesh, params):
     shardings = param_shardings(CFG, mesh)
-    params = model.init_params(CFG, jax.random.key(0), out_shardings=shardings)
+    params = params[1]
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     abstract = jax.eval_shape(opt.init, params)
     state_sh = opt_state_shardings(abstract, shardings, params, mesh)
