@@ -190,6 +190,7 @@ def compose(
     meta = {
         "length": length,
         "prompt_tokens": len(prompt),
+        "overhead": overhead,
         "needle_token_starts": starts,
         "needle_depths": depths,  # where each needle went: haystack tokens before it / all haystack tokens
         "haystack_start_sentence": first,
