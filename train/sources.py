@@ -18,6 +18,8 @@ training seed; for streams every document whose stream index hashes below the fr
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from train.data_config import DataConfig, DataError, SourceConfig, resolve_files
@@ -50,6 +52,25 @@ def _heldout_hash(index: int, fraction: float) -> bool:
     return (h % (1 << 53)) / float(1 << 53) < fraction
 
 
+def _root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the innermost cause (``datasets`` wraps reader errors in generic ones)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _no_documents(builder: str, files: list[str]) -> bool:
+    """True when the files certainly hold no rows (``datasets`` fails obscurely on those)."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0
+        except Exception:
+            return False  # unreadable: let the loader report it
+    return all(os.path.getsize(f) == 0 for f in files)
+
+
 def _load(src: SourceConfig, cfg: DataConfig, where: str):
     """The ``datasets`` Dataset / IterableDataset for a files or hub source."""
     import datasets
@@ -60,6 +81,9 @@ def _load(src: SourceConfig, cfg: DataConfig, where: str):
         if src.kind == "files":
             builder, files = resolve_files(src.path, where)
             kwargs = {"sample_by": src.text_sample_by} if builder == "text" else {}
+            empty = DataError(f"{src.path} ({where}.path) holds no documents: give a dataset with at least one row.")
+            if _no_documents(builder, files):
+                raise empty
             try:
                 return datasets.load_dataset(
                     builder,
@@ -70,8 +94,10 @@ def _load(src: SourceConfig, cfg: DataConfig, where: str):
                     **kwargs,
                 )
             except Exception as exc:
+                if "corresponds to no data" in str(exc):
+                    raise empty from exc
                 raise DataError(
-                    f"cannot read {src.path} ({where}) as {builder}: {exc.__class__.__name__}: {exc}; "
+                    f"cannot read {src.path} ({where}) as {builder} ({_root_cause(exc)}): "
                     f"check that the files are valid {builder}."
                 ) from exc
         try:
@@ -80,7 +106,7 @@ def _load(src: SourceConfig, cfg: DataConfig, where: str):
             )
         except Exception as exc:
             raise DataError(
-                f"cannot load hub dataset {src.path!r} ({where}): {exc.__class__.__name__}: {exc}; check the name "
+                f"cannot load hub dataset {src.path!r} ({where}): {_root_cause(exc)}; check the name "
                 "and split, that the network is reachable (HF_HUB_OFFLINE unset), or use kind: files."
             ) from exc
     finally:
@@ -104,7 +130,7 @@ class FileSource:
         _check_field(ds.column_names, src, where)
         n = len(ds)
         if n == 0:
-            raise DataError(f"{where} ({src.path}) holds no documents: give a dataset with at least one row.")
+            raise DataError(f"{src.path} ({where}.path) holds no documents: give a dataset with at least one row.")
         self._texts = ds.select_columns([src.text_field])
         self._field, self._where = src.text_field, f"{where}.{src.text_field}"
         self._cfg, self._tokenizer = cfg, tokenizer
