@@ -77,6 +77,13 @@ class RopeConfig:
             )
         if not self.theta > 0:
             raise ConfigError(f"rope theta must be positive, got {self.theta}.")
+        if self.factor is not None and not self.factor > 0:
+            raise ConfigError(f"rope factor must be positive, got {self.factor}.")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                f"llama3 rope needs high_freq_factor > low_freq_factor, got {self.high_freq_factor} and "
+                f"{self.low_freq_factor}: Llama 3.1 uses 4.0 and 1.0."
+            )
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
@@ -88,7 +95,14 @@ class RopeConfig:
         rope = dict(rope or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         theta = rope.get("rope_theta", theta)
+        partial = rope.get("partial_rotary_factor")
+        if partial is not None and float(partial) != 1.0:
+            raise ConfigError(
+                f"partial_rotary_factor {partial} is not supported: ringllama rotates the whole head (use 1.0)."
+            )
         kwargs = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
+        if "truncate" in rope and rope["truncate"] is None:
+            kwargs["truncate"] = False  # transformers reads an explicit null as "do not truncate"
         return cls(rope_type=rope_type, theta=float(theta if theta is not None else 10000.0), **kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -147,6 +161,18 @@ class LlamaConfig:
                 f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}): "
                 "pick a kv head count that divides the query heads."
             )
+        for name in ("max_position_embeddings", "attention_chunk"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}.")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self.rope, name)
+            if value is not None and len(value) != self.head_dim // 2:
+                raise ConfigError(
+                    f"longrope {name} has {len(value)} entries but head_dim {self.head_dim} needs "
+                    f"{self.head_dim // 2} (one per frequency): fix the rope settings."
+                )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not supported: use one of {', '.join(DTYPES)}.")
@@ -235,12 +261,7 @@ class LlamaConfig:
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported: Llama 3 uses 'silu'.")
         heads = hf["num_attention_heads"]
-        rope_dict = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        if rope_dict.get("rope_type", rope_dict.get("type")) in ("llama3", "yarn", "longrope"):
-            # HF falls back to the model's own context length when the pretraining length is absent.
-            orig = hf.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-            rope_dict.setdefault("original_max_position_embeddings", orig)
-        rope = RopeConfig.from_hf_dict(rope_dict, hf.get("rope_theta", 10000.0))
+        rope = _rope_from_hf(hf)
         eos = hf.get("eos_token_id")
         kwargs = dict(
             vocab_size=hf["vocab_size"],
@@ -295,3 +316,30 @@ class LlamaConfig:
             "rope_parameters": rope_params,
             "torch_dtype": self.param_dtype,
         }
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """The rope settings of an HF config in either layout (v4 ``rope_scaling``, v5 ``rope_parameters``).
+
+    transformers gives ``rope_scaling`` priority when both are present; a ringllama-written
+    config has both and they agree, so disagreement means a hand edit and is an error.
+    """
+    theta = hf.get("rope_theta", 10000.0)  # transformers' default_theta
+    max_pos = hf.get("max_position_embeddings", 2048)
+
+    def build(rope: dict[str, Any]) -> RopeConfig:
+        rope = dict(rope)
+        if rope.get("rope_type", rope.get("type")) in ("llama3", "yarn", "longrope"):
+            # Like transformers' LlamaConfig: without it, the pretraining length is the model's own.
+            rope.setdefault("original_max_position_embeddings", max_pos)
+        return RopeConfig.from_hf_dict(rope, theta)
+
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    if scaling and params:
+        a, b = build(scaling), build(params)
+        if a != b:
+            raise ConfigError(
+                f"the config's rope_scaling ({scaling}) and rope_parameters ({params}) disagree: "
+                "keep one of them (transformers would silently use rope_scaling)."
+            )
+    return build(scaling or params or {})

@@ -74,15 +74,7 @@ def inv_freq_and_scale(
         theta = dynamic_theta(rope, d, int(seq_len or max_position_embeddings), max_position_embeddings)
         return default_inv_freq(float(theta), d), 1.0
     if kind == "llama3":
-        orig, factor = rope.original_max_position_embeddings, rope.factor
-        low_wavelen = orig / rope.low_freq_factor
-        high_wavelen = orig / rope.high_freq_factor
-        wavelen = 2 * math.pi / base
-        scaled = np.where(wavelen > low_wavelen, base / factor, base)
-        smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return np.where(medium, smoothed, scaled), 1.0
+        return _llama3(rope, base), 1.0
     if kind == "yarn":
         return _yarn(rope, d, base)
     if kind == "longrope":
@@ -97,6 +89,30 @@ def inv_freq_and_scale(
             raise ValueError(f"longrope factors need {base.shape[0]} entries (head_dim/2), got {ext.shape[0]}.")
         return base / ext, float(scale)
     raise ValueError(f"unknown rope type {kind!r}")
+
+
+def _llama3(rope: RopeConfig, base: np.ndarray) -> np.ndarray:
+    """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a smooth blend between.
+
+    The blend weight is ill-conditioned (``orig/wavelen − low`` cancels): an input error δ
+    moves the medium frequencies by up to δ·(factor−1)/(high−low). transformers computes it
+    in fp32, so it is computed here in fp32 the same way (float64 weights would differ from
+    transformers by up to ~5e-6 relative); the frequencies themselves stay float64. What is
+    left is torch's own fp32 ``pow`` rounding (≤ 1e-6 relative for Llama 3.1/3.2 settings,
+    up to ~3e-6 for factor 32 with high − low = 1).
+    """
+    orig, factor = rope.original_max_position_embeddings, rope.factor
+    low, high = rope.low_freq_factor, rope.high_freq_factor
+    # transformers' own fp32 frequencies (fp32 exponent, fp32 power) feed its blend weights.
+    exponent32 = np.arange(0, 2 * base.shape[0], 2, dtype=np.float32) / np.float32(2 * base.shape[0])
+    inv32 = np.float32(1) / (np.float32(rope.theta) ** exponent32)
+    wavelen32 = np.float32(2 * math.pi) / inv32
+    smooth = ((np.float32(orig) / wavelen32 - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    keep = (np.float32(1) - smooth).astype(np.float64)
+    smoothed = keep * base / factor + smooth.astype(np.float64) * base
+    scaled = np.where(wavelen32 > np.float32(orig / low), base / factor, base)
+    medium = ~(wavelen32 < np.float32(orig / high)) & ~(wavelen32 > np.float32(orig / low))
+    return np.where(medium, smoothed, scaled)
 
 
 def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float]:
@@ -124,9 +140,11 @@ def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # HF's guard against a zero-width ramp
-    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-    extrapolate = 1 - ramp
-    inv = (base / factor) * (1 - extrapolate) + base * extrapolate
+    # The ramp weights in fp32 as transformers computes them (1 − ramp cancels; see `_llama3`).
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolate = (np.float32(1) - ramp).astype(np.float32)
+    interpolate = (np.float32(1) - extrapolate).astype(np.float64)
+    inv = (base / factor) * interpolate + base * extrapolate.astype(np.float64)
     return inv, float(scale)
 
 

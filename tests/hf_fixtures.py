@@ -56,3 +56,26 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def ringllama_from_hf(model, **overrides):
+    """``(LlamaConfig, params)`` for a transformers model, through `convert.names` only.
+
+    ``overrides`` replace `LlamaConfig` fields (e.g. ``scan_layers=False``); the parameter
+    layout follows them. Independent of `convert.load_hf`, so model tests do not lean on it.
+    """
+    import jax.numpy as jnp
+
+    from convert import names
+    from model import LlamaConfig
+
+    cfg = LlamaConfig.from_hf(model.config.to_dict(), **overrides)
+    state = hf_state_dict(model)
+    params = names.empty_params(cfg, np.float32)
+    for name, (rule, layer) in names.expected_tensors(cfg).items():
+        names.set_param(params, rule, layer, cfg, names.hf_to_flax(name, state[name], rule, cfg))
+    return cfg, _tree_map(jnp.asarray, params)
+
+
+def _tree_map(fn, tree):
+    return {k: _tree_map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
