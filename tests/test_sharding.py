@@ -77,6 +77,8 @@ def test_param_shardings_init_and_shard_params(mesh, params):
     shardings = param_shardings(CFG, mesh)
     assert shardings["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)
     assert shardings["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
+    # A ring-attention config has the same parameters (and needs no mesh to describe them).
+    assert param_shardings(CFG.replace(attention_impl="ring"), mesh) == shardings
     plain, sharded = params
     assert jax.tree.structure(sharded) == jax.tree.structure(shardings)
     names = model.logical_axes(CFG)
