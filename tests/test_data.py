@@ -89,6 +89,16 @@ def test_determinism_and_exact_resume_mid_document(tmp_path):
     for x in expected:
         y = next(resumed)
         assert all(np.array_equal(x[k], y[k]) for k in x)
+    # Prefetching in a thread gives the same batches, and its state is that of the last batch *returned*.
+    pre = make_iterator(cfg, 128, 2, seed=3, prefetch=3)
+    for x in first:
+        assert np.array_equal(next(pre)["tokens"], x["tokens"])
+    assert pre.state() == saved and pre.seq_len == 128
+    pre.close()  # rewinds to the last batch returned
+    assert np.array_equal(next(pre)["tokens"], expected[0]["tokens"])
+    pre.restore(saved)
+    assert np.array_equal(next(pre)["tokens"], expected[0]["tokens"])
+    pre.close()
     with pytest.raises(DataError, match="saved for seed 3"):
         make_iterator(cfg, 128, 2, seed=5).restore(saved)
 
@@ -144,6 +154,9 @@ def test_synthetic_passkey_documents_come_from_the_eval_generator():
     weights = batch["loss_mask"][0][seg1]
     assert np.sum(weights == 7.0) == 6 and set(np.unique(weights)) <= {0.0, 1.0, 7.0}
     assert batch["positions"][0][seg1].max() < 512  # a document that fits a row is never cut ("fit")
+    held = heldout_batches(cfg, 512, 2, 1, seed=0)[0]
+    assert set(np.unique(held["loss_mask"])) == {0.0, 1.0}  # perplexity: every token counts once
+    assert not np.array_equal(held["tokens"], batch["tokens"])
 
 
 def test_heldout_documents_never_appear_in_training(tmp_path):

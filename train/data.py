@@ -131,6 +131,8 @@ class DataIterator:
             fill_row(out, r, self._cursor, self.cfg.packing)
         if self.tokenizer.pad_id:
             out["tokens"][out["segment_ids"] == 0] = self.tokenizer.pad_id
+        if self.split == "heldout":  # perplexity counts every token once: no answer weighting
+            out["loss_mask"] = (out["loss_mask"] > 0).astype(np.float32)
         self.batches += 1
         local = {k: out[k][self.rows] for k in BATCH_FIELDS}
         if self.layout != "contiguous" and self.num_shards > 1:
@@ -191,6 +193,7 @@ def make_iterator(
     process_index: int = 0,
     process_count: int = 1,
     tokenizer=None,
+    prefetch: int = 0,
 ) -> DataIterator:
     """The training iterator: ``next(it)`` is this process's rows of the global batch.
 
@@ -203,12 +206,14 @@ def make_iterator(
         num_shards: size of the ``sequence`` mesh axis.
         process_index, process_count: this host's rows are ``[p·B/P, (p+1)·B/P)``.
         tokenizer: an already-loaded tokenizer (default: ``load_tokenizer(data_cfg.tokenizer)``).
+        prefetch: make this many batches ahead in a background thread (`train.prefetch.Prefetcher`;
+            same batches, same ``state()`` semantics); 0 = in the caller's thread.
 
     Returns:
-        A `DataIterator` yielding dicts of ``[B/P, t]`` arrays: int32 ``tokens``, ``targets``,
+        A `DataIterator` (or its `Prefetcher`) yielding dicts of ``[B/P, t]`` arrays: int32 ``tokens``, ``targets``,
         ``positions``, ``segment_ids`` and float32 ``loss_mask``.
     """
-    return DataIterator(
+    it = DataIterator(
         data_cfg,
         seq_len,
         batch_size,
@@ -219,6 +224,11 @@ def make_iterator(
         process_count=process_count,
         tokenizer=tokenizer,
     )
+    if prefetch:
+        from train.prefetch import Prefetcher
+
+        return Prefetcher(it, prefetch)
+    return it
 
 
 def heldout_batches(
@@ -238,7 +248,9 @@ def heldout_batches(
 
     For a given seed the batches are the same every call, so perplexity is comparable across
     stages and runs; none of their documents is a training document (file sources with at
-    least two documents and ``heldout_fraction > 0``; synthetic sources always).
+    least two documents and ``heldout_fraction > 0``; synthetic sources always). ``loss_mask``
+    is 0/1 here (source loss weights are for training), so ``loss_sum / count`` is the mean
+    per-token negative log-likelihood.
     """
     it = DataIterator(
         data_cfg,

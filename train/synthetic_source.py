@@ -95,10 +95,11 @@ class SyntheticSource:
             self._stream = token_stream(tokenizer, load_haystack(self._haystack))
             floor = len(self._bos) + len(self._eos) + 1
         else:
-            # prompt + answer (+ EOS); answers are a handful of tokens, bounded here by one sample.
+            # prompt + answer (+ EOS). The answer length of one sample is the first guess when sizing prompts.
             probe = _generate(src.task, tokenizer, 4096, np.random.default_rng(0), self._haystack, src.needles)
-            floor = _min_prompt(src.task, tokenizer, self._haystack, src.needles) + 2 * len(probe.answer_ids)
-            floor += len(self._eos)
+            self._answer_guess = len(probe.answer_ids)
+            self._min_prompt = _min_prompt(src.task, tokenizer, self._haystack, src.needles)
+            floor = self._min_prompt + self._answer_guess + len(self._eos)
         if hi < floor:
             warnings.warn(
                 f"{where}: synthetic {src.task} documents need ≥ {floor} tokens with this tokenizer but max_length is "
@@ -118,11 +119,19 @@ class SyntheticSource:
             return Doc(np.asarray(self._bos + ids.tolist() + self._eos, np.int32))
 
         def make(prompt_len: int):
-            g = np.random.default_rng(sample_seed)  # same seed → same key/needles → same answer length
-            return _generate(src.task, self._tokenizer, prompt_len, g, self._haystack, src.needles)
+            """The sample of this seed with the shortest prompt ≥ prompt_len that holds the fixed text."""
+            from evals import OverheadError
 
-        sample = make(max(1, total - len(self._eos) - 2))
-        fitted = total - len(self._eos) - len(sample.answer_ids)
+            while True:
+                g = np.random.default_rng(sample_seed)  # same seed → same key/needles → same answer length
+                try:
+                    return _generate(src.task, self._tokenizer, prompt_len, g, self._haystack, src.needles)
+                except OverheadError:  # this seed's needles are longer than the probed minimum
+                    prompt_len += 8
+
+        target = total - len(self._eos)
+        sample = make(max(self._min_prompt, target - self._answer_guess))
+        fitted = max(self._min_prompt, target - len(sample.answer_ids))
         if fitted != len(sample.prompt_ids):
             sample = make(fitted)
         ids = np.asarray(sample.prompt_ids + sample.answer_ids + self._eos, np.int32)
