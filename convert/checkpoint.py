@@ -103,6 +103,8 @@ def load_checkpoint(
     """
     root = Path(path).absolute()
     cfg = read_config(root)
+    if not (root / PARAMS_DIR).is_dir():
+        raise ConversionError(f"{root} has no {PARAMS_DIR}/ directory: the checkpoint is incomplete.")
     checkpointer = ocp.StandardCheckpointer()
     try:
         try:
@@ -124,7 +126,13 @@ def load_checkpoint(
         for p, meta in flatten(stored):
             leaf_dtype = np.dtype(dtype) if dtype else meta.dtype
             set_path(target, p, jax.ShapeDtypeStruct(tuple(meta.shape), leaf_dtype, sharding=sharding_of(p)))
-        params = checkpointer.restore(root / PARAMS_DIR, target)
+        try:
+            params = checkpointer.restore(root / PARAMS_DIR, target)
+        except Exception as exc:  # tensorstore / orbax errors for damaged array files
+            raise ConversionError(
+                f"cannot restore the orbax parameters in {root / PARAMS_DIR} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): the checkpoint is incomplete or corrupt."
+            ) from exc
     finally:
         checkpointer.close()
     return cfg.replace(param_dtype=_dtype_name(params["embed_tokens"]["embedding"])), params
