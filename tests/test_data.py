@@ -209,6 +209,10 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
     (tmp_path / "notes.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported extension"):
         DataConfig.from_dict({"sources": [{"kind": "files", "path": str(tmp_path / "notes.csv")}]})
+    with pytest.raises(DataError, match=r"haystack 'missing\.txt' is neither prose, classic, noise"):
+        DataConfig.from_dict({"sources": [{"kind": "synthetic", "haystack": "missing.txt"}]})
+    with pytest.raises(DataError, match="wrong type"):
+        DataConfig.from_dict({"sources": [{"kind": "synthetic", "weight": "high"}]})
     with pytest.raises(DataError, match="task is 'riddle'"):
         DataConfig.from_dict({"sources": [{"kind": "synthetic", "task": "riddle"}]})
     with pytest.raises(DataError, match="streaming"):

@@ -8,8 +8,8 @@ How a batch is made:
 
 1. **Mixture.** One stream of documents; each next document comes from the source that is
    furthest below its share of tokens so far (``tokens_s / weight_s`` smallest, ties to the
-   first source), so weights are token shares, respected within a document at every point
-   of the stream, with no randomness to replay.
+   first source). Weights are therefore token shares, met at every point of the stream to
+   within one document, with no randomness to replay.
 2. **Sources** hand out their m-th document deterministically from the seed (`train.sources`,
    `train.synthetic_source`).
 3. **Packing** (`train.packing`): ``batch_size`` rows are filled one after another from the
@@ -23,9 +23,9 @@ How a batch is made:
    masks come from positions and segment ids, so attention stays exact.
 
 State: the mixture counters (documents and tokens taken per source) as they were before the
-document in progress, and how many of its tokens are already packed. It does not depend on
-``seq_len``/``batch_size``: a restored stream continues with the same documents even if the
-next stage packs them differently.
+document in progress, and how many of its tokens are already packed. It restores under any
+``batch_size``, process count or layout; under another ``seq_len`` file documents continue
+where they were, while synthetic ones are sized for the new length.
 
 Held-out batches (`heldout_batches`) come from the held-out split: documents kept out of
 training for file/hub sources, a disjoint seed stream for synthetic ones.

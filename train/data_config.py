@@ -19,6 +19,7 @@ SYNTHETIC_TASKS = ("passkey", "niah", "multi_needle", "prose")
 # File extension → `datasets` builder name.
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+BUILTIN_HAYSTACKS = ("prose", "classic", "noise")  # `evals.load_haystack` names
 
 
 class DataError(ValueError):
@@ -88,6 +89,11 @@ class SourceConfig:
             lo, hi = self.min_length, self.max_length
             if (lo is not None and lo < 1) or (hi is not None and hi < 1) or (lo and hi and lo > hi):
                 raise DataError(f"{where}: min_length {lo} / max_length {hi} must be positive with min ≤ max.")
+            if self.haystack and self.haystack not in BUILTIN_HAYSTACKS and not os.path.isfile(self.haystack):
+                raise DataError(
+                    f"{where}.haystack {self.haystack!r} is neither {', '.join(BUILTIN_HAYSTACKS)} nor an existing "
+                    "text file: fix the path or pick a built-in haystack."
+                )
             if not 1 <= self.needles <= 10:
                 raise DataError(f"{where}.needles is {self.needles}: use 1 to 10 needles.")
             if self.answer_weight < 0 or self.context_weight < 0 or self.answer_weight + self.context_weight == 0:
@@ -127,7 +133,12 @@ class DataConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
-        self.validate()
+        try:
+            self.validate()
+        except TypeError as exc:  # e.g. weight: "high" compared with a number
+            raise DataError(
+                f"a data field has the wrong type ({exc}): numbers must be numbers and flags true/false."
+            ) from None
 
     def validate(self, where: str = "data") -> None:
         if not self.sources:
