@@ -120,7 +120,7 @@ def _tasks(args):
 
 
 def _run(args) -> int:
-    from evals.loading import load_eval_tokenizer, load_model, parse_mesh
+    from evals.loading import check_vocab, load_eval_tokenizer, load_model, parse_mesh
 
     lengths = parse_lengths(args.lengths)
     depths = parse_depths(args.depths)
@@ -134,10 +134,8 @@ def _run(args) -> int:
     mesh = parse_mesh(args.mesh)
     if not args.model.startswith("preset:") and not os.path.isdir(args.model):
         raise EvalInputError(f"model {args.model} does not exist: give a ringllama checkpoint or HF model directory.")
-    t0 = time.perf_counter()
-    config, params = load_model(args.model, hf=args.hf, dtype=args.dtype, mesh=mesh)
     model_dir = args.model if os.path.isdir(args.model) else ""
-    tokenizer = load_eval_tokenizer(model_dir, args.tokenizer, config)
+    tokenizer = load_eval_tokenizer(model_dir, args.tokenizer)
     fmt = None
     if args.chat_template:
         from evals.chat import llama3_chat_format
@@ -146,6 +144,19 @@ def _run(args) -> int:
             fmt = llama3_chat_format(tokenizer)
         except ValueError as exc:
             raise EvalInputError(str(exc)) from exc
+    if args.task != "perplexity":
+        from evals.tasks import cell_samples, grid
+
+        cells = grid(tasks, lengths, depths)
+        for task in tasks:  # a length below the prompt overhead fails here, before the model loads
+            first = next(c for c in cells if c.task == task.name)
+            try:
+                cell_samples(task, first, tokenizer, 1, args.seed, fmt)
+            except OverheadError as exc:
+                raise OverheadError(f"task {task.name}: {exc}") from exc
+    t0 = time.perf_counter()
+    config, params = load_model(args.model, hf=args.hf, dtype=args.dtype, mesh=mesh)
+    check_vocab(tokenizer, config)
     from evals.runner import Runner
 
     runner = Runner(config, params, mesh=mesh, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
@@ -167,15 +178,7 @@ def _run(args) -> int:
     else:
         from evals.evaluate import aggregate, evaluate
         from evals.report import summary_table, write_task_results
-        from evals.tasks import cell_samples, grid
 
-        cells = grid(tasks, lengths, depths)
-        for task in tasks:  # a length below the prompt overhead fails here, before any model work
-            first = next(c for c in cells if c.task == task.name)
-            try:
-                cell_samples(task, first, tokenizer, 1, args.seed, fmt)
-            except OverheadError as exc:
-                raise OverheadError(f"task {task.name}: {exc}") from exc
         records = evaluate(
             runner, tokenizer, tasks, cells, samples=args.samples, seed=args.seed, mode=args.mode, fmt=fmt,
             progress=progress,

@@ -55,8 +55,11 @@ def load_model(path: str, *, hf: bool = False, dtype: str | None = None, mesh=No
     return cfg, params
 
 
-def load_eval_tokenizer(model_path: str, spec: str | None, config: LlamaConfig):
-    """``spec`` if given, else the checkpoint's own ``tokenizer.json``/``tokenizer.model``, else bytes."""
+def load_eval_tokenizer(model_path: str, spec: str | None, config: LlamaConfig | None = None):
+    """``spec`` if given, else the checkpoint's own ``tokenizer.json``/``tokenizer.model``, else bytes.
+
+    With ``config`` the tokenizer's ids must fit the model's vocabulary (see `check_vocab`).
+    """
     from train.tokenizer import TokenizerError, load_tokenizer
 
     if spec is None:
@@ -66,12 +69,18 @@ def load_eval_tokenizer(model_path: str, spec: str | None, config: LlamaConfig):
         tok = load_tokenizer(spec)
     except TokenizerError as exc:
         raise EvalInputError(str(exc)) from exc
-    if tok.vocab_size > config.vocab_size:
+    if config is not None:
+        check_vocab(tok, config)
+    return tok
+
+
+def check_vocab(tokenizer, config: LlamaConfig) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table."""
+    if tokenizer.vocab_size > config.vocab_size:
         raise EvalInputError(
-            f"tokenizer {spec} has {tok.vocab_size} ids but the model's vocabulary has {config.vocab_size}: "
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {config.vocab_size}: "
             "give the model's own tokenizer with --tokenizer."
         )
-    return tok
 
 
 def parse_mesh(text: str | None):
