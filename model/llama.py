@@ -56,10 +56,15 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[st
 
 
 class Attention(nn.Module):
-    """GQA self-attention; K/V stay at ``kv_heads`` all the way into `attention.attention`."""
+    """GQA self-attention; K/V stay at ``kv_heads`` all the way into `attention.attention`.
+
+    ``return_kv``: without a cache, also return the rotated ``{"k", "v"}`` of this call (a
+    prefill that builds a KV cache from a ring-attention forward, `evals.ring_prefill`).
+    """
 
     config: LlamaConfig
     mesh: Any = None
+    return_kv: bool = False
 
     @nn.compact
     def __call__(self, x_btd, ctx, layer_cache):
@@ -78,6 +83,8 @@ class Attention(nn.Module):
             k_new = _constrain(k_new, ("batch", "length", "kv_heads", "head_dim"), self.mesh)
             v_new = _constrain(v_new, ("batch", "length", "kv_heads", "head_dim"), self.mesh)
             keys, values, kv_pos, new_cache = k_new, v_new, ctx["positions"], None
+            if self.return_kv:
+                new_cache = {"k": k_new, "v": v_new}
         else:
             start = (0, ctx["cache_index"], 0, 0)
             keys = jax.lax.dynamic_update_slice(layer_cache["k"], k_new.astype(layer_cache["k"].dtype), start)
@@ -151,10 +158,11 @@ class DecoderLayer(nn.Module):
 
     config: LlamaConfig
     mesh: Any = None
+    return_kv: bool = False
 
     @nn.compact
     def __call__(self, x_btd, layer_cache, ctx):
-        attn_out, new_cache = Attention(self.config, self.mesh, name="attn")(
+        attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, name="attn")(
             _Scale(self.config, name="input_norm")(x_btd), ctx, layer_cache
         )
         x_btd = x_btd + attn_out
@@ -170,14 +178,17 @@ class Llama(nn.Module):
     ``apply({"params": p}, tokens[b, t], positions=None, segment_ids=None)`` → logits
     ``[b, t, v]``; with ``return_hidden=True`` the final-norm hidden states ``[b, t, d]``
     instead (the training loss applies the head in chunks); with ``cache=`` a
-    ``(logits, new_cache)`` pair. ``mesh`` is needed only for ring attention.
+    ``(logits, new_cache)`` pair. ``mesh`` is needed only for ring attention. With
+    ``return_kv=True`` (and no cache) a ``(logits, {"k", "v"})`` pair, K/V ``[layers, b, t, k, h]``.
     """
 
     config: LlamaConfig
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden: bool = False):
+    def __call__(
+        self, tokens, positions=None, segment_ids=None, cache=None, return_hidden: bool = False, return_kv: bool = False
+    ):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
@@ -210,15 +221,15 @@ class Llama(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.mesh, name="layers")
+            )(cfg, self.mesh, return_kv, name="layers")
             x, new_layer_caches = stack(x, layer_caches, ctx)
         else:
             new = []
             for i in range(cfg.num_layers):
                 one = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-                x, c = layer_cls(cfg, self.mesh, name=f"layers_{i}")(x, one, ctx)
+                x, c = layer_cls(cfg, self.mesh, return_kv, name=f"layers_{i}")(x, one, ctx)
                 new.append(c)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+            new_layer_caches = None if new[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
         x = _Scale(cfg, name="norm")(x)
         if return_hidden:
             out = x
@@ -231,7 +242,7 @@ class Llama(nn.Module):
             out = jnp.einsum("btd,dv->btv", x, head.astype(dt))  # [b, t, v]
             out = _constrain(out, ("batch", "length", "vocab"), mesh)
         if cache is None:
-            return out
+            return (out, new_layer_caches) if return_kv else out
         new_cache = {
             "k": new_layer_caches["k"],
             "v": new_layer_caches["v"],
