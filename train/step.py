@@ -108,8 +108,9 @@ def make_train_step(
     Returns:
         A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
         ``targets``, ``positions``, ``segment_ids``, ``loss_mask``; numpy arrays are placed with
-        `put_batch`) and returning the new state and metrics: ``loss`` (mean over counted tokens),
-        ``grad_norm`` (before clipping), ``lr``, ``tokens`` (counted tokens), ``finite`` (bool).
+        `put_batch`) and returning the new state and metrics: ``loss`` (mean over counted tokens,
+        weighted by ``loss_mask``), ``grad_norm`` (before clipping), ``lr``, ``tokens`` (tokens with a
+        nonzero ``loss_mask``, as fp32), ``finite`` (bool).
         ``b`` must be divisible by ``grad_accum_steps``.
     """
     model = Llama(model_cfg, mesh=mesh)
@@ -120,8 +121,10 @@ def make_train_step(
     rep = replicated(mesh)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-        denom = jnp.maximum(count, 1.0)
+        # loss_mask may carry weights (e.g. up-weighted answer tokens): the loss is their weighted mean.
+        weight = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        denom = jnp.maximum(weight, 1.0)
+        tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
 
         def objective(params, mb):
             loss_sum, _ = _loss_sums(model, model_cfg, params, mb, loss_chunk)
@@ -145,14 +148,14 @@ def make_train_step(
             (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
 
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(state.step)
         params, opt_state = apply_updates(tx, grads, state.opt_state, state.params, lr)
         new = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
         # A non-finite step changes nothing, so the in-memory state stays the last good one.
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": count, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "finite": finite}
         return new, metrics
 
     compiled: dict[tuple, Callable] = {}
