@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -39,10 +40,16 @@ def init_params(config: LlamaConfig, key: jax.Array, out_shardings: Any = None) 
     With ``out_shardings`` (a tree matching the params, e.g. from `sharding.param_shardings`)
     the init runs under ``jax.jit`` so no full-size array ever lands on one device.
     """
-    fn = lambda k: nn.meta.unbox(_init_fn(config)(k))
     if out_shardings is None:
-        return jax.jit(fn)(key)
+        return _jitted_init(config)(key)
+    fn = lambda k: nn.meta.unbox(_init_fn(config)(k))
     return jax.jit(fn, out_shardings=out_shardings)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: LlamaConfig):
+    """One compiled init per config (a fresh ``jax.jit(lambda ...)`` would recompile on every call)."""
+    return jax.jit(lambda k: nn.meta.unbox(_init_fn(config)(k)))
 
 
 def lm_head_kernel(params: Params, config: LlamaConfig) -> jax.Array:
