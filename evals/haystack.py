@@ -6,7 +6,8 @@ Built-in haystacks (`load_haystack`):
   ~465K characters), cleaned into plain sentences: headings, code and grammar blocks dropped.
 - ``"noise"`` / ``"classic"`` — the passkey filler "The grass is green. The sky is blue. The sun
   is yellow. Here we go. There and back again." repeated (RULER's "noise" haystack).
-- a path to a UTF-8 text file — its paragraphs, split into sentences.
+- a path to a UTF-8 text file, a JSON(L) file of ``{"text"}`` records or a saved `datasets`
+  directory — its documents, split into sentences.
 
 A haystack is tokenized once per tokenizer (each sentence with a leading space, so pieces
 concatenate like running text) and then read as an endless, cyclic token stream.
@@ -15,6 +16,7 @@ concatenate like running text) and then read as an endless, cyclic token stream.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -98,17 +100,44 @@ def load_haystack(spec: str | Haystack = "prose") -> Haystack:
     return _from_file(os.path.abspath(spec))
 
 
+def read_documents(path: str, what: str = "text data") -> list[str]:
+    """Documents from a UTF-8 ``.txt`` file (one document), a ``.json``/``.jsonl`` file of
+    ``{"text": ...}`` records, or a directory written by `datasets.Dataset.save_to_disk` (column ``text``).
+    """
+    try:
+        if os.path.isdir(path):
+            import datasets
+
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[next(iter(ds))]
+            docs = [str(t) for t in ds["text"]]
+        elif path.endswith((".json", ".jsonl")):
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            docs = [str(r["text"]) for r in (rows if isinstance(rows, list) else [rows])]
+        else:
+            with open(path, encoding="utf-8") as fh:
+                docs = [fh.read()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise HaystackError(
+            f"cannot read {what} {path} ({exc.__class__.__name__}): give a UTF-8 .txt file, a JSON(L) file of "
+            "{'text': ...} records or a saved datasets directory."
+        ) from exc
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise HaystackError(f"{what} {path} is empty: give a file with text in it.")
+    return docs
+
+
 @functools.lru_cache(maxsize=8)
 def _from_file(path: str) -> Haystack:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HaystackError(
-            f"cannot read haystack file {path} ({exc.__class__.__name__}): give a readable UTF-8 text file, "
-            "or 'prose' / 'noise'."
-        ) from exc
-    sentences = split_sentences(text)
+    docs = read_documents(path, "haystack file")
+    sentences = [s for d in docs for s in split_sentences(d)]
     if not sentences:
         raise HaystackError(f"haystack file {path} holds no text: give a file with prose in it.")
     return Haystack(os.path.basename(path), tuple(sentences), random_start=True)

@@ -15,13 +15,11 @@ Positions are grouped into ``buckets`` equal-width buckets of ``[0, length)``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 
-from evals.haystack import haystack_text
+from evals.haystack import HaystackError, haystack_text, read_documents
 from evals.loading import EvalInputError
 
 
@@ -30,33 +28,9 @@ def load_documents(spec: str) -> list[str]:
     if spec == "prose":
         return [haystack_text()]
     try:
-        if os.path.isdir(spec):
-            import datasets
-
-            ds = datasets.load_from_disk(spec)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[next(iter(ds))]
-            docs = [str(t) for t in ds["text"]]
-        elif spec.endswith((".json", ".jsonl")):
-            with open(spec, encoding="utf-8") as fh:
-                text = fh.read()
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            docs = [str(r["text"]) for r in (rows if isinstance(rows, list) else [rows])]
-        else:
-            with open(spec, encoding="utf-8") as fh:
-                docs = [fh.read()]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise EvalInputError(
-            f"cannot read text data {spec} ({exc.__class__.__name__}): give 'prose', a UTF-8 .txt file, "
-            "a JSON(L) file of {'text': ...} records or a saved datasets directory."
-        ) from exc
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise EvalInputError(f"text data {spec} is empty: give a file with text in it.")
-    return docs
+        return read_documents(spec)
+    except HaystackError as exc:
+        raise EvalInputError(str(exc)) from exc
 
 
 def windows(tokenizer, docs: list[str], length: int, samples: int) -> tuple[np.ndarray, str]:

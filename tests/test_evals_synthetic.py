@@ -130,3 +130,19 @@ def test_loss_mask_marks_answer_targets():
     assert len(ids) == len(mask)
     targets = [ids[i + 1] for i in range(len(ids) - 1) if mask[i]]
     assert targets == s.answer_ids
+
+
+def test_haystack_from_text_and_jsonl_files(tmp_path):
+    txt = tmp_path / "hay.txt"
+    txt.write_text("Alpha beta gamma delta. Epsilon zeta eta theta.\n\nIota kappa lambda mu.")
+    s = niah_sample(TOK, 600, 0.5, rng=0, haystack=str(txt))
+    assert len(s.prompt_ids) == 600 and "Epsilon zeta eta theta." in TOK.decode(s.prompt_ids)
+    jl = tmp_path / "hay.jsonl"
+    jl.write_text('{"text": "Red foxes run quickly."}\n{"text": "Blue whales sing loudly."}\n')
+    s = niah_sample(TOK, 600, 0.5, rng=0, haystack=str(jl))
+    text = TOK.decode(s.prompt_ids)
+    assert "Red foxes run quickly." in text and "Blue whales sing loudly." in text
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(HaystackError, match="empty"):
+        niah_sample(TOK, 600, 0.5, haystack=str(empty))

@@ -1,0 +1,116 @@
+"""Prefill and decode throughput: one device (`model.generate`) vs ring prefill on the mesh (`evals.ring_prefill`).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python -m benchmarks.prefill_decode --preset tiny --lengths 1k,2k,4k,8k,16k --new-tokens 32
+
+Prefill tokens/s = prompt tokens / prefill seconds. Decode tokens/s = batch × new tokens /
+decode seconds. One device: prefill is ``generate(max_new_tokens=1)``, decode the extra time
+of ``generate(max_new_tokens=1 + N)`` over it. Ring: `ring_prefill` and the sharded-cache
+greedy loop timed separately. Each timing is the best of ``--repeats`` runs after a
+compile-and-warm-up run; EOS is disabled so every run decodes all N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+import model
+from evals.cli import parse_lengths
+from evals.ring_prefill import _decode, _round_up, ring_prefill
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import batch_sharding, shard_params
+
+
+def _best(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def single_device(cfg, params, prompt, new: int, repeats: int) -> tuple[float, float]:
+    t_prefill = _best(lambda: model.generate(cfg, params, prompt, 1, eos_ids=()), repeats)
+    t_total = _best(lambda: model.generate(cfg, params, prompt, 1 + new, eos_ids=()), repeats)
+    return t_prefill, max(t_total - t_prefill, 1e-9)
+
+
+def ring(cfg, params, prompt, new: int, mesh, repeats: int) -> tuple[float, float]:
+    b, t = prompt.shape
+    n = dict(mesh.shape)["sequence"]
+    tokens = np.zeros((b, _round_up(t, n)), np.int32)
+    tokens[:, :t] = prompt
+    tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+    max_len = _round_up(t + new + 1, n)
+
+    def prefill():
+        return ring_prefill(params, tokens, config=cfg, mesh=mesh, length=t, max_len=max_len)
+
+    t_prefill = _best(prefill, repeats)
+    logits, cache = prefill()
+    t_decode = _best(
+        lambda: _decode(params, logits, cache, config=cfg, mesh=mesh, max_new_tokens=new + 1, eos_ids=(), pad_id=0),
+        repeats,
+    )
+    return t_prefill, t_decode
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--lengths", default="1k,2k,4k,8k,16k")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mesh", default="data=1,fsdp=1,sequence=8")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-single", action="store_true", help="only the ring path")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+
+    lengths = parse_lengths(args.lengths)
+    cfg = model.preset(args.preset, max_position_embeddings=max(lengths) + args.new_tokens + 64)
+    params = model.init_params(cfg, jax.random.key(0))
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    sharded = shard_params(params, mesh, cfg)
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"preset {args.preset} ({model.count_params(params):,} params), batch {args.batch}, {args.new_tokens} new")
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, ring mesh {args.mesh}")
+    print("| prompt | path | prefill s | prefill tok/s | decode s | decode tok/s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for t in lengths:
+        prompt = rng.integers(3, cfg.vocab_size, size=(args.batch, t)).astype(np.int32)
+        paths = [] if args.skip_single else ["1 device"]
+        paths.append(f"ring {args.mesh}")
+        for name in paths:
+            if name == "1 device":
+                tp, td = single_device(cfg, params, prompt, args.new_tokens, args.repeats)
+            else:
+                tp, td = ring(cfg, sharded, prompt, args.new_tokens, mesh, args.repeats)
+            row = {
+                "prompt": t,
+                "path": name,
+                "prefill_s": tp,
+                "prefill_tok_s": args.batch * t / tp,
+                "decode_s": td,
+                "decode_tok_s": args.batch * args.new_tokens / td,
+            }
+            rows.append(row)
+            print(
+                f"| {t:,} | {name} | {tp:.3f} | {row['prefill_tok_s']:,.0f} | {td:.3f} | {row['decode_tok_s']:,.1f} |",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
