@@ -1,0 +1,86 @@
+"""Curriculum context-extension training: data, the sharded train step, checkpoints, stages, CLI.
+
+    import train
+    cfg = train.load_config("configs/demo.yaml", ["stages.1.steps=10"])
+    result = train.run(cfg, run_dir="runs/demo")          # or: python -m train --config ...
+
+Pieces: the data pipeline (`DataConfig`, `make_iterator`, `heldout_batches`, `pack_documents`),
+the engine (`OptimConfig`, `TrainState`, `init_state`, `make_train_step`, `make_eval_step`,
+`chunked_cross_entropy`, `Checkpointer`, `check_finite`), and the runner (`TrainConfig`,
+`StageConfig`, `validate`, `run`, `MetricsLogger`).
+"""
+
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    ExportConfig,
+    StageConfig,
+    StagePlan,
+    TrainConfig,
+    config_help,
+    dump_config,
+    load_config,
+    model_config,
+    validate,
+)
+from train.curriculum import run
+from train.data import heldout_batches, make_iterator
+from train.data_config import DataConfig, DataError, SourceConfig
+from train.flops import flops_per_token, train_step_flops
+from train.guards import NonFiniteError, check_finite
+from train.loss import chunked_cross_entropy
+from train.metrics import DEVICE_PEAK_TFLOPS, MetricsLogger, device_peak_tflops, mfu, plot_run, read_metrics
+from train.optim import OptimConfig, make_optimizer, make_schedule
+from train.packing import pack_documents, unpack_documents
+from train.report import RunResult
+from train.state import TrainState, abstract_state, init_state, state_shardings
+from train.step import make_eval_step, make_train_step
+from train.tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = [
+    "DEVICE_PEAK_TFLOPS",
+    "ByteTokenizer",
+    "CheckpointConfig",
+    "CheckpointError",
+    "Checkpointer",
+    "DataConfig",
+    "DataError",
+    "EvalConfig",
+    "ExportConfig",
+    "MetricsLogger",
+    "NonFiniteError",
+    "OptimConfig",
+    "RunResult",
+    "SourceConfig",
+    "StageConfig",
+    "StagePlan",
+    "TrainConfig",
+    "TrainState",
+    "abstract_state",
+    "check_finite",
+    "chunked_cross_entropy",
+    "config_help",
+    "device_peak_tflops",
+    "dump_config",
+    "flops_per_token",
+    "heldout_batches",
+    "init_state",
+    "load_config",
+    "load_tokenizer",
+    "make_eval_step",
+    "make_iterator",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "mfu",
+    "model_config",
+    "pack_documents",
+    "plot_run",
+    "read_metrics",
+    "run",
+    "state_shardings",
+    "train_step_flops",
+    "unpack_documents",
+    "validate",
+]

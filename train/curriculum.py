@@ -1,0 +1,299 @@
+"""The curriculum runner: stages in order, θ and length changing between them, params carried over.
+
+    result = run(load_config("configs/demo.yaml"), run_dir="runs/demo")
+
+Per stage: the model config gets the stage's θ and max positions (`train.config.validate`),
+the train step is built for the stage's mesh, params (and, if ``carry_optimizer_state``, Adam's
+moments) move over from the previous stage — resharded when the mesh changes — and the
+learning-rate schedule restarts (``state.step`` counts steps within the stage). Every
+``checkpoint.every`` global steps and at each stage end an orbax checkpoint stores the state
+plus what exact resumption needs: stage, steps, data-iterator position, RNG and the configs.
+Each stage ends with held-out perplexity at its own length and the next stage's, and the
+passkey grid when configured (`train.stage_eval`). The final model is saved as a ringllama
+checkpoint (``<run_dir>/final``) whose config carries the last stage's θ and max positions,
+and optionally exported to Hugging Face format (``<run_dir>/hf``).
+
+Exactness of ``--resume``: the train step is deterministic, the data iterator restores its
+position, and the state restored from a checkpoint is bit-identical, so the losses after a
+resume equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ConfigError, LlamaConfig
+from sharding.mesh import make_mesh
+from train import metrics as M
+from train.checkpoint import Checkpointer
+from train.config import StagePlan, TrainConfig, dump_config, model_config, validate
+from train.data import make_iterator
+from train.flops import train_step_flops
+from train.guards import check_finite
+from train.report import Reporter, RunResult
+from train.runtime import check_memory, init_from_model, move_state
+from train.state import abstract_state, init_state
+from train.step import make_train_step
+
+# Model-config fields that describe how to run, not what the model is: a config's values for
+# these apply on top of an --init-from checkpoint's own config.
+EXEC_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk")
+
+
+def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
+    """The model the first stage starts from: the config's, or an --init-from checkpoint's with exec fields."""
+    if init_from is None:
+        return model_config(cfg)
+    from convert.checkpoint import is_hf_checkpoint, is_ringllama_checkpoint, read_config
+
+    if is_ringllama_checkpoint(init_from):
+        loaded = read_config(init_from)
+    elif is_hf_checkpoint(init_from):
+        loaded = LlamaConfig.from_hf(init_from)
+    else:
+        raise ConfigError(
+            f"--init-from {init_from} is neither a ringllama checkpoint (config + params/) nor a Hugging Face "
+            "directory (config.json + safetensors): point at one of them."
+        )
+    ours = model_config(cfg)
+    return loaded.replace(**{k: getattr(ours, k) for k in EXEC_FIELDS if k in cfg.model})
+
+
+def _data_seed(seed: int, stage: int) -> int:
+    return seed * 1009 + stage  # a distinct, deterministic stream per stage
+
+
+def run(
+    cfg: TrainConfig,
+    *,
+    run_dir: str | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    stop_after: int | None = None,
+    say=print,
+) -> RunResult:
+    """Run (or resume) the curriculum; see the module docstring.
+
+    Args:
+        cfg: the run config.
+        run_dir: overrides ``cfg.run_dir``.
+        resume: continue from the newest checkpoint in ``<run_dir>/checkpoints``.
+        init_from: start the first stage from these weights (ringllama checkpoint or HF directory).
+        stop_after: stop after this many global steps, with a checkpoint (a planned interruption).
+        say: where progress lines go (process 0 only).
+    """
+    if run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=run_dir)
+    run_dir = cfg.run_dir
+    lead = jax.process_index() == 0
+    say = say if lead else (lambda *a, **k: None)
+    ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if resume and init_from:
+        raise ConfigError(
+            "--resume and --init-from are exclusive: a resumed run takes its weights from its checkpoint."
+        )
+
+    meta: dict[str, Any] | None = None
+    if resume:
+        meta = _latest_meta(ckpt_dir, cfg)
+        base = LlamaConfig.from_dict(meta["base_model"])
+    else:
+        base = base_model(cfg, init_from)
+    plans = validate(cfg, jax.device_count(), jax.process_count(), base)
+    check_memory(cfg, plans, say)  # before anything compiles
+
+    if lead:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+            fh.write(dump_config(cfg))
+        if not resume:  # a fresh run must not resume, keep-N or report against an older one in the same place
+            for stale in ("checkpoints", "final", "hf", "passkey", "report.json", "loss.png"):
+                path = os.path.join(run_dir, stale)
+                shutil.rmtree(path) if os.path.isdir(path) else (os.remove(path) if os.path.exists(path) else None)
+    _barrier("run_dir")
+    ckptr = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    logger = M.MetricsLogger(
+        run_dir, resume_step=meta["global_step"] if meta else None, tensorboard=cfg.tensorboard, enabled=lead
+    )
+    reporter = Reporter(cfg, plans, run_dir, say, lead, resume=resume)
+
+    start_stage = meta["stage"] if meta else 0
+    stage_step = meta["stage_step"] if meta else 0
+    global_step = meta["global_step"] if meta else 0
+    rng = np.asarray(meta["rng"], np.uint32) if meta else np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
+    peak, peak_src = (cfg.peak_tflops, "peak_tflops from the config") if cfg.peak_tflops else M.device_peak_tflops()
+    say(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} ({peak_src}); run dir {run_dir}")
+    if meta:
+        say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
+
+    state, prev_plan, last_saved = None, None, (global_step if meta else None)
+    try:
+        for plan in plans[start_stage:]:
+            mesh = make_mesh(plan.mesh)
+            stage = plan.stage
+            say(_stage_banner(plan))
+            if state is None and meta is not None:
+                state, _ = ckptr.restore(global_step, abstract_state(plan.model, plan.optim, mesh))
+            elif state is None:
+                key = jax.random.wrap_key_data(jnp.asarray(rng))
+                params = init_from_model(init_from, plan, mesh, say) if init_from else None
+                state = init_state(plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params)
+            else:
+                state = move_state(state, prev_plan, plan, mesh, say)
+            if stage_step < stage.steps:
+                resume_data = meta["data_state"] if meta is not None and stage_step > 0 else None
+                state, global_step, stage_step, last_saved = _train_stage(
+                    cfg, plan, mesh, state, ckptr, logger, base, rng, peak,
+                    global_step, stage_step, last_saved, resume_data, stop_after, lead,
+                )  # fmt: skip
+            more = stage_step < stage.steps or plan.index + 1 < len(plans)
+            if stage_step < stage.steps or (stop_after is not None and global_step >= stop_after and more):
+                ckptr.wait()
+                say(f"stopped after global step {global_step} as asked (--stop-after); continue with --resume.")
+                return reporter.finish(state, plan, mesh, global_step, stopped=True)
+            if not reporter.has_stage(plan.name):
+                nxt = plans[plan.index + 1] if plan.index + 1 < len(plans) else None
+                for record in reporter.end_of_stage(state, plan, nxt, mesh, global_step):
+                    logger.log(record)
+            prev_plan, stage_step, meta = plan, 0, None
+        ckptr.wait()
+        final = plans[-1]
+        result = reporter.finish(state, final, make_mesh(final.mesh), global_step, stopped=False)
+    finally:
+        ckptr.close()
+        logger.close()
+    if lead:
+        M.plot_run(logger.path, os.path.join(run_dir, "loss.png"))
+    return result
+
+
+def _train_stage(
+    cfg, plan, mesh, state, ckptr, logger, base, rng, peak, global_step, stage_step, last_saved, resume_data,
+    stop_after, lead,
+):  # fmt: skip
+    """Train ``plan`` from ``stage_step`` to its end (or to ``stop_after``); returns the loop counters."""
+    stage = plan.stage
+    step_fn = make_train_step(plan.model, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk)
+    it = make_iterator(
+        plan.data,
+        stage.seq_len,
+        stage.batch_size,
+        _data_seed(cfg.seed, plan.index),
+        layout=plan.layout,
+        num_shards=dict(mesh.shape)["sequence"],
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if resume_data is not None:
+        it.restore(resume_data)
+    flops = train_step_flops(plan.model, stage.seq_len, stage.batch_size)
+    tokens = stage.batch_size * stage.seq_len
+    ckpt_dir = ckptr.directory
+    bar = _progress(cfg.progress and lead, stage.steps, stage_step, plan.name)
+    timer, first = M.StepTimer(), True
+    batch = next(it)
+    data_state = it.state()  # the position after `batch`: where a resume after this step continues
+    while stage_step < stage.steps:
+        state, metrics = step_fn(state, batch)
+        stage_step += 1
+        global_step += 1
+        done_state = data_state
+        if stage_step < stage.steps:  # prepare the next batch while the device works
+            batch = next(it)
+            data_state = it.state()
+        metrics = jax.device_get(metrics)
+        dt = timer.tick()
+        check_finite(metrics, global_step, last_saved, ckpt_dir)
+        record = {
+            "kind": "train",
+            "stage": plan.name,
+            "stage_index": plan.index,
+            "step": global_step,
+            "stage_step": stage_step,
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": float(metrics["lr"]),
+            "tokens_per_sec": tokens / dt,
+            "mfu": M.mfu(flops, dt, jax.device_count(), peak),
+            "step_time": dt,
+            "seq_len": stage.seq_len,
+            "theta": plan.model.rope.theta,
+            "includes_compile": first,
+        }
+        first = False
+        logger.log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        every = cfg.checkpoint.every
+        stopping = stop_after is not None and global_step >= stop_after
+        if stage_step == stage.steps or stopping or (every and global_step % every == 0):
+            _save(ckptr, global_step, state, plan, stage_step, rng, base, done_state)
+            last_saved = global_step
+        if stopping:
+            break
+    if bar is not None:
+        bar.close()
+    return state, global_step, stage_step, last_saved
+
+
+def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"--resume found no checkpoints in {ckpt_dir}: start the run without --resume first.")
+    probe = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        if probe.latest_step() is None:
+            raise ConfigError(f"--resume found no committed checkpoint in {ckpt_dir}: start without --resume.")
+        return probe.read_meta()
+    finally:
+        probe.close()
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, data_state) -> None:
+    meta = {
+        "global_step": int(global_step),
+        "stage": plan.index,
+        "stage_name": plan.name,
+        "stage_step": int(stage_step),
+        "data_state": data_state,
+        "rng": np.asarray(rng).tolist(),
+        "base_model": base.to_dict(),
+        "model": plan.model.to_dict(),  # the config this state trains: its stage's θ and max positions
+    }
+    json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
+    ckptr.save(global_step, state, meta)
+
+
+def _stage_banner(plan: StagePlan) -> str:
+    s, m = plan.stage, plan.model
+    mesh = ",".join(f"{a}={n}" for a, n in zip(("data", "fsdp", "tensor", "sequence"), plan.mesh_shape, strict=True))
+    return (
+        f"== {plan.name}: seq_len {s.seq_len}, θ {m.rope.theta:.4g}, max positions {m.max_position_embeddings}, "
+        f"{s.steps} steps × batch {s.batch_size}, lr {plan.optim.lr:g}, mesh {mesh}, layout {plan.layout}"
+    )
+
+
+def _progress(enabled: bool, total: int, done: int, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=name, unit="step", dynamic_ncols=True)
+
+
+__all__ = ["EXEC_FIELDS", "base_model", "run"]
