@@ -1,12 +1,13 @@
-"""Prefill and decode throughput: one device (`model.generate`) vs ring prefill on the mesh (`evals.ring_prefill`).
+"""Prefill and decode throughput of the eval generation path: one device vs ring prefill on the mesh.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python -m benchmarks.prefill_decode --preset tiny --lengths 1k,2k,4k,8k,16k --new-tokens 32
 
-Prefill tokens/s = prompt tokens / prefill seconds. Decode tokens/s = batch × new tokens /
-decode seconds. One device: prefill is ``generate(max_new_tokens=1)``, decode the extra time
-of ``generate(max_new_tokens=1 + N)`` over it. Ring: `ring_prefill` and the sharded-cache
-greedy loop timed separately. Each timing is the best of ``--repeats`` runs after a
+Prefill tokens/s = batch × prompt tokens / prefill seconds; decode tokens/s = batch × new
+tokens / decode seconds. Both paths are `evals.generation`: one device prefills through the
+model's cached path (blockwise attention above 1K keys) and decodes with dense attention over
+the cache; the ring path prefills with ring attention into a cache sharded over ``sequence``
+and decodes over the sharded cache. Each timing is the best of ``--repeats`` runs after a
 compile-and-warm-up run; EOS is disabled so every run decodes all N tokens.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 import model
 from evals.cli import parse_lengths
-from evals.ring_prefill import _decode, _round_up, ring_prefill
+from evals.generation import _round_up, decode, prefill, ring_prefill
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import batch_sharding, shard_params
 
@@ -36,27 +37,28 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def single_device(cfg, params, prompt, new: int, repeats: int) -> tuple[float, float]:
-    t_prefill = _best(lambda: model.generate(cfg, params, prompt, 1, eos_ids=()), repeats)
-    t_total = _best(lambda: model.generate(cfg, params, prompt, 1 + new, eos_ids=()), repeats)
-    return t_prefill, max(t_total - t_prefill, 1e-9)
-
-
-def ring(cfg, params, prompt, new: int, mesh, repeats: int) -> tuple[float, float]:
+def time_path(cfg, params, prompt, new: int, mesh, repeats: int) -> tuple[float, float]:
+    """``(prefill seconds, decode seconds)``; ``mesh`` None for one device."""
     b, t = prompt.shape
-    n = dict(mesh.shape)["sequence"]
-    tokens = np.zeros((b, _round_up(t, n)), np.int32)
-    tokens[:, :t] = prompt
-    tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-    max_len = _round_up(t + new + 1, n)
+    if mesh is None:
+        tokens = jax.numpy.asarray(prompt)
 
-    def prefill():
-        return ring_prefill(params, tokens, config=cfg, mesh=mesh, length=t, max_len=max_len)
+        def run_prefill():
+            return prefill(params, tokens, config=cfg, max_len=t + new + 1)
+    else:
+        n = dict(mesh.shape)["sequence"]
+        padded = np.zeros((b, _round_up(t, n)), np.int32)
+        padded[:, :t] = prompt
+        tokens = jax.device_put(padded, batch_sharding(mesh, padded.shape))
+        max_len = _round_up(t + new + 1, n)
 
-    t_prefill = _best(prefill, repeats)
-    logits, cache = prefill()
+        def run_prefill():
+            return ring_prefill(params, tokens, config=cfg, mesh=mesh, length=t, max_len=max_len)
+
+    t_prefill = _best(run_prefill, repeats)
+    logits, cache = run_prefill()
     t_decode = _best(
-        lambda: _decode(params, logits, cache, config=cfg, mesh=mesh, max_new_tokens=new + 1, eos_ids=(), pad_id=0),
+        lambda: decode(params, logits, cache, config=cfg, mesh=mesh, max_new_tokens=new + 1, eos_ids=(), pad_id=0),
         repeats,
     )
     return t_prefill, t_decode
@@ -91,9 +93,9 @@ def main(argv=None) -> None:
         paths.append(f"ring {args.mesh}")
         for name in paths:
             if name == "1 device":
-                tp, td = single_device(cfg, params, prompt, args.new_tokens, args.repeats)
+                tp, td = time_path(cfg, params, prompt, args.new_tokens, None, args.repeats)
             else:
-                tp, td = ring(cfg, sharded, prompt, args.new_tokens, mesh, args.repeats)
+                tp, td = time_path(cfg, sharded, prompt, args.new_tokens, mesh, args.repeats)
             row = {
                 "prompt": t,
                 "path": name,

@@ -1,10 +1,10 @@
 """Running a model on eval samples: teacher-forced scoring, greedy generation and per-token losses.
 
 `Runner` batches samples, pads, and calls jit-compiled functions shared across calls of the
-same shapes. Without a mesh everything runs on one device (`model.generate` for decoding).
+same shapes. Without a mesh everything runs on one device.
 With a mesh whose ``sequence`` axis is > 1, forward passes use ring attention over that axis
 (the model's activation rules shard the sequence) and generation prefills with ring
-attention into a sequence-sharded KV cache (`evals.ring_prefill`), so prompts far longer
+attention into a sequence-sharded KV cache (`evals.generation`), so prompts far longer
 than one device holds are evaluated.
 
 Logits are never materialised for the whole prompt: the model returns hidden states and the
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evals.generation import greedy_generate
 from evals.synthetic import Sample
 from model.config import LlamaConfig
-from model.generate import generate as model_generate
 from model.llama import Llama
 from model.params import lm_head_kernel
 
@@ -163,13 +163,7 @@ class Runner:
                 for r, i in enumerate(chunk):
                     prompt[r] = samples[i].prompt_ids
                 prompt[len(chunk) :] = prompt[0]
-                if self.ring:
-                    from evals.ring_prefill import ring_generate
-
-                    new = ring_generate(self.config, self.params, prompt, max_new_tokens, self.mesh)
-                else:
-                    full = model_generate(self.config, self.params, prompt, max_new_tokens, eos_ids=eos)
-                    new = np.asarray(full)[:, length:]
+                new = greedy_generate(self.config, self.params, prompt, max_new_tokens, self.mesh, eos_ids=eos)
                 for r, i in enumerate(chunk):
                     out[i] = _cut_at_eos(np.asarray(new[r]).tolist(), eos)
         return [out[i] for i in range(len(samples))]

@@ -1,13 +1,12 @@
 """Ring prefill on the emulated 8-device mesh equals single-device prefill: logits, next token, cache, generations."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import model
 from evals import passkey_sample
-from evals.ring_prefill import ring_generate, ring_prefill
+from evals.generation import greedy_generate, ring_prefill
 from evals.runner import Runner
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import batch_sharding, shard_params
@@ -27,17 +26,25 @@ def setup():
     return params, shard_params(params, mesh, CFG), mesh, samples, prompt
 
 
-def test_ring_prefill_equals_single_device(setup):
-    params, sharded, mesh, _, prompt = setup
-    t_pad, max_len = 304, 312  # what ring_generate uses for 12 new tokens: one compile for both tests
+@pytest.fixture(scope="module")
+def reference(setup):
+    """Single-device cached prefill: logits for every prompt position and the cache."""
+    params, _, _, _, prompt = setup
+    cache = model.init_cache(CFG, 2, 312)
+    logits, cache = jax.jit(lambda p, x, c: model.Llama(CFG).apply({"params": p}, x, cache=c))(params, prompt, cache)
+    return np.asarray(logits), cache
+
+
+def test_ring_prefill_equals_single_device(setup, reference):
+    _, sharded, mesh, _, prompt = setup
+    t_pad, max_len = 304, 312  # what greedy_generate uses for 12 new tokens: one compile for both tests
     tokens = np.zeros((2, t_pad), np.int32)
     tokens[:, :T] = prompt
     logits, cache = ring_prefill(
         sharded, jax.device_put(tokens, batch_sharding(mesh, tokens.shape)), config=CFG, mesh=mesh, length=T,
         max_len=max_len,
     )  # fmt: skip
-    ref_cache = model.init_cache(CFG, 2, max_len)
-    ref_logits, ref_cache = model.Llama(CFG).apply({"params": params}, jnp.asarray(prompt), cache=ref_cache)
+    ref_logits, ref_cache = reference
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits[:, -1]), atol=2e-5, rtol=2e-5)
     assert (np.argmax(logits, -1) == np.argmax(ref_logits[:, -1], -1)).all()
     np.testing.assert_allclose(np.asarray(cache["k"])[:, :, :T], np.asarray(ref_cache["k"])[:, :, :T], atol=2e-5)
@@ -50,18 +57,21 @@ def test_ring_prefill_equals_single_device(setup):
 
 def test_ring_generate_equals_model_generate(setup):
     params, sharded, mesh, _, prompt = setup
-    got = ring_generate(CFG, sharded, prompt, 12, mesh)
+    got = greedy_generate(CFG, sharded, prompt, 12, mesh)
     ref = np.asarray(model.generate(CFG, params, prompt, 12))[:, T:]
     np.testing.assert_array_equal(got, ref)
 
 
-def test_runner_on_mesh_equals_single_device(setup):
-    params, sharded, mesh, samples, _ = setup
+def test_runner_on_mesh_equals_single_device(setup, reference):
+    params, sharded, mesh, samples, prompt = setup
     one = Runner(CFG, params, batch_size=2).forced(samples)
     ring = Runner(CFG, sharded, mesh=mesh, batch_size=2).forced(samples)
     for a, b in zip(one, ring, strict=True):
         assert a.argmax_ids == b.argmax_ids
         assert a.answer_logprob == pytest.approx(b.answer_logprob, rel=1e-5, abs=1e-5)
-    nll_one = Runner(CFG, params).token_nll(np.asarray([samples[0].prompt_ids]))
-    nll_ring = Runner(CFG, sharded, mesh=mesh).token_nll(np.asarray([samples[0].prompt_ids]))
-    np.testing.assert_allclose(nll_ring, nll_one, rtol=1e-5, atol=1e-5)
+    # Perplexity on the mesh: next-token NLL against the single-device logits (float64 softmax).
+    nll_ring = Runner(CFG, sharded, mesh=mesh).token_nll(prompt[:1])
+    logits = reference[0][0, :-1].astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = lse - logits[np.arange(T - 1), prompt[0, 1:]]
+    np.testing.assert_allclose(nll_ring[0], expected, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,12 @@
-"""Long-prompt generation: ring-attention prefill into a sequence-sharded KV cache, then greedy decoding.
+"""Greedy generation for evals: prefill (ring attention on a mesh) into a KV cache, then a decode loop.
 
-Prefill runs the model once over the whole prompt with ``attention_impl="ring"`` on the mesh's
+Without a mesh: the model's own cached prefill (``attention_impl`` as configured), then one
+token at a time with dense attention over the cache (one query row is cheap dense; the
+blockwise kernel's chunk loop costs more than it saves there).
+
+With a mesh whose ``sequence`` axis is N > 1 (ring):
+
+prefill runs the model once over the whole prompt with ``attention_impl="ring"`` on the mesh's
 ``sequence`` axis (each device holds ``t / N`` tokens of activations) and returns the rotated
 K/V of every layer (`model.Llama` ``return_kv=True``). They become a KV cache whose sequence
 dimension stays sharded over ``sequence``: each device keeps ``S / N`` slots. Decoding feeds
@@ -24,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attention import EMPTY_POSITION
+from model.cache import init_cache
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.params import lm_head_kernel
@@ -31,6 +38,19 @@ from model.params import lm_head_kernel
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def _constrain_cache(cache: dict, mesh) -> dict:
+    """Keep the cache's sequence dimension sharded over ``sequence`` (no-op without a mesh)."""
+    if mesh is None:
+        return cache
+    kv_sharding, pos_sharding = _cache_sharding(mesh, cache["k"].shape[1])
+    return {
+        **cache,
+        "k": jax.lax.with_sharding_constraint(cache["k"], kv_sharding),
+        "v": jax.lax.with_sharding_constraint(cache["v"], kv_sharding),
+        "positions": jax.lax.with_sharding_constraint(cache["positions"], pos_sharding),
+    }
 
 
 def _cache_sharding(mesh, batch: int) -> tuple[NamedSharding, NamedSharding]:
@@ -55,22 +75,32 @@ def ring_prefill(params, tokens, *, config: LlamaConfig, mesh, length: int, max_
     hidden, kv = Llama(ring_cfg, mesh).apply({"params": params}, tokens, return_hidden=True, return_kv=True)
     last = hidden[:, length - 1]  # [b, d]
     logits = jnp.einsum("bd,dv->bv", last, lm_head_kernel(params, config).astype(last.dtype))  # [b, v]
-    kv_sharding, pos_sharding = _cache_sharding(mesh, b)
     pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))
-    k = jax.lax.with_sharding_constraint(jnp.pad(kv["k"], pad), kv_sharding)
-    v = jax.lax.with_sharding_constraint(jnp.pad(kv["v"], pad), kv_sharding)
     slots = jnp.arange(max_len, dtype=jnp.int32)
-    positions = jnp.broadcast_to(jnp.where(slots < length, slots, EMPTY_POSITION), (b, max_len))
-    positions = jax.lax.with_sharding_constraint(positions, pos_sharding)
-    return logits, {"k": k, "v": v, "positions": positions, "index": jnp.asarray(length, jnp.int32)}
+    cache = {
+        "k": jnp.pad(kv["k"], pad),
+        "v": jnp.pad(kv["v"], pad),
+        "positions": jnp.broadcast_to(jnp.where(slots < length, slots, EMPTY_POSITION), (b, max_len)),
+        "index": jnp.asarray(length, jnp.int32),
+    }
+    return logits, _constrain_cache(cache, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+def prefill(params, tokens, *, config: LlamaConfig, max_len: int):
+    """One-device prefill of ``tokens [b, t]`` into a fresh cache of ``max_len`` slots: ``(logits [b, v], cache)``."""
+    b, _ = tokens.shape
+    cache = init_cache(config, b, max_len)
+    hidden, cache = Llama(config).apply({"params": params}, tokens, cache=cache, return_hidden=True)
+    last = hidden[:, -1]  # [b, d]
+    return jnp.einsum("bd,dv->bv", last, lm_head_kernel(params, config).astype(last.dtype)), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "max_new_tokens", "eos_ids", "pad_id"))
-def _decode(params, first_logits, cache, *, config, mesh, max_new_tokens, eos_ids, pad_id):
-    """Greedy decoding from the prefill's last logits; the cache keeps its sequence sharding every step."""
+def decode(params, first_logits, cache, *, config, mesh, max_new_tokens, eos_ids, pad_id):
+    """Greedy tokens ``[b, max_new_tokens]`` from the prefill's last logits; a sharded cache stays sharded."""
     b = first_logits.shape[0]
-    model = Llama(config.replace(attention_impl="reference"))  # one query token: dense over the sharded cache
-    kv_sharding, pos_sharding = _cache_sharding(mesh, b)
+    model = Llama(config.replace(attention_impl="reference"))  # one query token: dense over the (sharded) cache
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     first = jnp.argmax(first_logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -82,12 +112,7 @@ def _decode(params, first_logits, cache, *, config, mesh, max_new_tokens, eos_id
     def body(state):
         i, tok, cache, done, out = state
         logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
-        cache = {
-            **cache,
-            "k": jax.lax.with_sharding_constraint(cache["k"], kv_sharding),
-            "v": jax.lax.with_sharding_constraint(cache["v"], kv_sharding),
-            "positions": jax.lax.with_sharding_constraint(cache["positions"], pos_sharding),
-        }
+        cache = _constrain_cache(cache, mesh)
         nxt = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
@@ -97,34 +122,37 @@ def _decode(params, first_logits, cache, *, config, mesh, max_new_tokens, eos_id
     return jax.lax.while_loop(cond, body, state)[4]
 
 
-def ring_generate(
+def greedy_generate(
     config: LlamaConfig,
     params,
     prompt: np.ndarray,
     max_new_tokens: int,
-    mesh,
+    mesh=None,
     *,
     eos_ids: tuple[int, ...] | None = None,
     pad_id: int | None = None,
 ) -> np.ndarray:
-    """Greedy continuation ``[b, max_new_tokens]`` of ``prompt [b, t]`` with ring prefill on ``mesh``.
+    """Greedy continuation ``[b, max_new_tokens]`` of ``prompt [b, t]``; ring prefill when ``mesh`` has a ring.
 
-    Token-for-token the same as `model.generate` (greedy) on one device, up to float rounding.
+    Token-for-token `model.generate` (greedy), up to float rounding; after an EOS a row holds ``pad_id``.
     """
     prompt = np.asarray(prompt, np.int32)
     b, t = prompt.shape
-    ring = dict(mesh.shape)["sequence"]
-    t_pad = _round_up(t, ring)
-    max_len = _round_up(t + max_new_tokens, ring)
     eos_ids = tuple(config.eos_token_id) if eos_ids is None else tuple(eos_ids)
     pad_id = (eos_ids[0] if eos_ids else 0) if pad_id is None else pad_id
-    tokens = np.zeros((b, t_pad), np.int32)
-    tokens[:, :t] = prompt
-    from sharding.rules import batch_sharding
+    ring = 1 if mesh is None else dict(mesh.shape).get("sequence", 1)
+    if ring > 1:
+        tokens = np.zeros((b, _round_up(t, ring)), np.int32)
+        tokens[:, :t] = prompt
+        from sharding.rules import batch_sharding
 
-    tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-    logits, cache = ring_prefill(params, tokens, config=config, mesh=mesh, length=t, max_len=max_len)
-    new = _decode(
+        tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+        max_len = _round_up(t + max_new_tokens, ring)
+        logits, cache = ring_prefill(params, tokens, config=config, mesh=mesh, length=t, max_len=max_len)
+    else:
+        mesh = None
+        logits, cache = prefill(params, jnp.asarray(prompt), config=config, max_len=t + max_new_tokens)
+    new = decode(
         params, logits, cache, config=config, mesh=mesh, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id
     )
     return np.asarray(new)
