@@ -7,6 +7,10 @@ k kv heads, h head_dim, f mlp, v vocab.
     params = model.init_params(cfg, jax.random.key(0))
     logits = model.Llama(cfg).apply({"params": params}, tokens)   # tokens[b, t] -> [b, t, v]
     out = model.generate(cfg, params, prompt, max_new_tokens=32)  # prompt[b, t] -> [b, t + new]
+
+Numerics (checked in tests/test_parity.py against transformers): fp32 logits agree to
+max |Δ| ≤ 1e-4 for every rope type; ``dtype="bfloat16"`` compute (fp32 or bf16 params)
+stays within 2⁻⁶·max|logit| of the fp32 logits on the test models.
 """
 
 from model.cache import init_cache
