@@ -11,6 +11,8 @@ Implementations (``impl``):
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -25,15 +27,27 @@ class AttentionError(ValueError):
     """Inputs the attention implementations cannot take; the message says what to change."""
 
 
+def ring_problem(q: jax.Array, k: jax.Array, mesh) -> str | None:
+    """Why ring attention cannot shard these inputs over ``mesh`` (None when it can)."""
+    ring = dict(mesh.shape).get("sequence", 1)
+    if q.shape[1] % ring or k.shape[1] % ring:
+        return (
+            f"query/key lengths {q.shape[1]}/{k.shape[1]} are not divisible by the {ring} 'sequence' shards "
+            "(pad the sequence or change the mesh)"
+        )
+    return None
+
+
 def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = None) -> str:
     """The implementation ``impl="auto"`` resolves to.
 
-    A mesh with a ``sequence`` axis of size > 1 means the sequence is sharded: ring. On GPU
-    the cuDNN kernel (through ``xla``) is fastest when the head size is one cuDNN supports;
-    elsewhere short sequences go dense and long ones blockwise.
+    A mesh with a ``sequence`` axis of size > 1 means the sequence is sharded: ring (or, if
+    the lengths cannot be split over it, blockwise; `attention` warns). On GPU the cuDNN
+    kernel (through ``xla``) is fastest when the head size is one cuDNN supports; elsewhere
+    short sequences go dense and long ones blockwise.
     """
     if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
-        return "ring"
+        return "ring" if ring_problem(q, k, mesh) is None else "blockwise"
     platform = platform or jax.default_backend()
     if platform == "gpu" and q.shape[-1] in (64, 128) and q.dtype in (jnp.bfloat16, jnp.float16):
         return "xla"
@@ -95,10 +109,14 @@ def attention(
         raise AttentionError("give segment ids for both queries and keys (kv_segment_ids when their lengths differ).")
     if impl == "auto":
         impl = choose_impl(q, k, mesh)
+        if impl == "blockwise" and mesh is not None and (problem := ring_problem(q, k, mesh)):
+            warnings.warn(f"attention: falling back from ring to blockwise attention: {problem}.", stacklevel=2)
 
     if impl == "ring":
         if mesh is None:
             raise AttentionError("impl='ring' needs mesh=: a jax Mesh with a 'sequence' axis.")
+        if problem := ring_problem(q, k, mesh):
+            raise AttentionError(f"impl='ring' cannot run: {problem}; impl='auto' falls back to blockwise.")
         from attention.ring import sharded_attention
 
         return sharded_attention(

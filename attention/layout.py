@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention.api import AttentionError
+
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-class LayoutError(ValueError):
+class LayoutError(AttentionError):
     """A sequence length or layout name that a ring layout cannot take; the message says the fix."""
 
 

@@ -18,14 +18,14 @@ from attention.reference import reference_attention
 N_HEADS, HEAD_DIM = 8, 16
 
 
-def _inputs(seed, b, t, s, kv_heads, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(ks[0], (b, t, N_HEADS, HEAD_DIM), dtype)
-    k = jax.random.normal(ks[1], (b, s, kv_heads, HEAD_DIM), dtype)
-    v = jax.random.normal(ks[2], (b, s, kv_heads, HEAD_DIM), dtype)
-    d_out = jax.random.normal(ks[3], (b, t, N_HEADS, HEAD_DIM), jnp.float32)
-    d_lse = jax.random.normal(ks[4], (b, t, N_HEADS), jnp.float32)
-    return q, k, v, d_out, d_lse
+def _inputs(seed, b, t, s, kv_heads, dtype=np.float32):
+    # numpy inputs: no eager jax ops, so each case compiles exactly one program.
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
+    q = normal(b, t, N_HEADS, HEAD_DIM).astype(dtype)
+    k = normal(b, s, kv_heads, HEAD_DIM).astype(dtype)
+    v = normal(b, s, kv_heads, HEAD_DIM).astype(dtype)
+    return q, k, v, normal(b, t, N_HEADS, HEAD_DIM), normal(b, t, N_HEADS)
 
 
 def _positions(rng, b, length, order, offset=0):
@@ -40,29 +40,36 @@ def _segments(positions, packed):
     return (positions >= 9).astype(np.int32) + (positions >= 23) + 2 * (positions >= 30)
 
 
-def _loss_and_grads(fn, q, k, v, d_out, d_lse):
-    """Forward (out, lse) and grads of ``sum(out·d_out) + sum(lse·d_lse)`` over finite lse."""
+def _run(fn, reference, q, k, v, d_out, d_lse):
+    """(out, lse, grads) of ``sum(out·d_out) + sum(lse·d_lse)`` (finite lse only) for ``fn`` and
+    for ``reference`` on fp32 copies of the inputs, in one jitted program; numpy results."""
 
-    def loss(q, k, v):
-        out, lse = fn(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * d_lse, 0.0)), (
-            out,
-            lse,
-        )
+    def results(fn, q, k, v):
+        def loss(q, k, v):
+            out, lse = fn(q, k, v)
+            finite_lse = jnp.where(jnp.isfinite(lse), lse * d_lse, 0.0)
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse), (out, lse)
 
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, lse, grads
+        (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, lse, grads
+
+    def both(q, k, v):
+        return results(fn, q, k, v), results(reference, *(x.astype(jnp.float32) for x in (q, k, v)))
+
+    got, want = jax.jit(both)(q, k, v)
+    assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32 and all(g.dtype == q.dtype for g in got[2])
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), (got, want))
 
 
 def _compare(blockwise, reference, out_tol, grad_tol):
     out_b, lse_b, g_b = blockwise
     out_r, lse_r, g_r = reference
-    assert float(jnp.max(jnp.abs(out_b.astype(jnp.float32) - out_r.astype(jnp.float32)))) <= out_tol
+    assert np.max(np.abs(out_b - out_r)) <= out_tol
     np.testing.assert_array_equal(np.isinf(lse_b), np.isinf(lse_r))
     finite = np.isfinite(lse_r)
-    assert float(np.max(np.abs(np.asarray(lse_b)[finite] - np.asarray(lse_r)[finite]))) <= out_tol
+    assert np.max(np.abs(lse_b[finite] - lse_r[finite])) <= out_tol
     for gb, gr in zip(g_b, g_r, strict=True):
-        assert float(jnp.max(jnp.abs(gb.astype(jnp.float32) - gr.astype(jnp.float32)))) <= grad_tol
+        assert np.max(np.abs(gb - gr)) <= grad_tol
 
 
 # (causal, kv_heads → GQA ratio 8/kv_heads, chunk, t, s, token order, packed documents, kv position offset)
@@ -99,16 +106,13 @@ def test_blockwise_matches_reference(causal, kv_heads, chunk, t, s, order, packe
             chunk_size=chunk,
         )
 
-    mask = make_mask(jnp.asarray(q_pos), jnp.asarray(kv_pos), q_seg, kv_seg, causal)
-
     def reference(q, k, v):
-        return reference_attention(q, k, v, mask, HEAD_DIM**-0.5)
+        return reference_attention(q, k, v, make_mask(q_pos, kv_pos, q_seg, kv_seg, causal), HEAD_DIM**-0.5)
 
-    got = _loss_and_grads(blockwise, q, k, v, d_out, d_lse)
-    want = _loss_and_grads(reference, q, k, v, d_out, d_lse)
+    got, want = _run(blockwise, reference, q, k, v, d_out, d_lse)
     if kv_offset:
         # The early queries see no key: zeros and lse -inf, like the reference.
-        assert bool(jnp.all(jnp.isinf(got[1][:, :kv_offset]))) and bool(jnp.all(got[0][:, :kv_offset] == 0))
+        assert np.all(np.isneginf(got[1][:, :kv_offset])) and np.all(got[0][:, :kv_offset] == 0)
     _compare(got, want, out_tol=1e-5, grad_tol=1e-4)
 
 
@@ -117,13 +121,13 @@ def test_blockwise_bf16_within_documented_bound():
     for the matmuls and the output is bf16, so against fp32 attention on the same (bf16-valued)
     inputs we allow |Δ| ≤ 2e-2 on outputs (≈ 2.5 bf16 ulps at |x|≈1) and ≤ 5e-2 on grads."""
     q, k, v, d_out, d_lse = _inputs(3, 2, 48, 48, 2, jnp.bfloat16)
-    pos = jnp.broadcast_to(jnp.arange(48, dtype=jnp.int32), (2, 48))
+    pos = np.broadcast_to(np.arange(48, dtype=np.int32), (2, 48))
     mask = make_mask(pos, pos, None, None, True)
-    got = _loss_and_grads(lambda q, k, v: blockwise_attention(q, k, v, chunk_size=16), q, k, v, d_out, d_lse)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, HEAD_DIM**-0.5), *up, d_out, d_lse)
-    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
-    assert all(g.dtype == jnp.bfloat16 for g in got[2])
+    got, want = _run(
+        lambda q, k, v: blockwise_attention(q, k, v, chunk_size=16),
+        lambda q, k, v: reference_attention(q, k, v, mask, HEAD_DIM**-0.5),
+        q, k, v, d_out, d_lse,
+    )  # fmt: skip
     _compare(got, want, out_tol=2e-2, grad_tol=5e-2)
 
 
@@ -167,9 +171,13 @@ def test_activation_memory_is_linear_in_length():
 
 def test_api_dispatches_blockwise_and_rejects_half_segments():
     q, k, v, _, _ = _inputs(1, 1, 24, 24, 2)
-    seg = jnp.asarray(np.repeat([[0, 1, 2]], 8, axis=1).reshape(1, 24))
-    got = attention(q, k, v, segment_ids=seg, impl="blockwise", chunk_size=5)
-    want = attention(q, k, v, segment_ids=seg, impl="reference")
-    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
+    seg = np.repeat([[0, 1, 2]], 8, axis=1).reshape(1, 24)
+
+    def both(q, k, v):
+        got = attention(q, k, v, segment_ids=seg, impl="blockwise", chunk_size=5)
+        return got, attention(q, k, v, segment_ids=seg, impl="reference")
+
+    got, want = jax.jit(both)(q, k, v)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 1e-5
     with pytest.raises(ValueError, match="both"):
         blockwise_attention(q, k, v, q_segment_ids=seg)

@@ -1,0 +1,291 @@
+"""Ring attention: the sequence is sharded over a mesh axis and K/V blocks travel around it.
+
+Shape letters: b batch, t query position, s key position, n query heads, k kv heads, h head_dim.
+
+Each of the N shards keeps its query block and, over N hops, sees every shard's K/V block:
+at hop i shard r holds the block that started on shard ``r − i``. Per hop:
+
+- the next hop's ``lax.ppermute`` (K, V, their positions and segment ids; only the kv heads,
+  GQA is never expanded on the wire) is issued *before* this hop's compute, so XLA can
+  overlap communication with work;
+- a hop whose KV block is entirely hidden from the query block (causal future, disjoint
+  documents; decided from the blocks' position/segment ranges) goes through the identity
+  branch of a ``lax.cond``: skipped, not computed and masked. Inside a hop, chunk pairs are
+  skipped the same way (`attention.flash`), which is what balances the zigzag and striped
+  layouts (`attention.layout`);
+- the hop's result merges into the running one in fp32 by LSE (`attention.merge`).
+
+The backward is a hand-written ``jax.custom_vjp`` fed with the *global* output and LSE: it
+runs the ring again, recomputing each hop's probabilities, and sends a dK/dV accumulator
+around the ring together with the K/V block it belongs to; after the last hop one more
+``ppermute`` brings every accumulator home. Differentiating through the merges is never done.
+
+`ring_attention_shard` is the per-shard function (call it inside ``jax.shard_map``);
+`sharded_attention` takes globally shaped arrays and runs the ``shard_map`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from attention import instrument
+from attention.api import AttentionError
+from attention.flash import (
+    ChunkConfig,
+    _vary_like,
+    block_is_masked,
+    flash_backward,
+    flash_forward,
+    pad_keys,
+    pad_queries,
+)
+from attention.masks import default_positions
+from attention.merge import merge_partials
+
+
+class RingError(AttentionError):
+    """Inputs or a mesh that ring attention cannot take; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class _RingConfig:
+    axis_name: str
+    chunk: ChunkConfig  # chunk.skip_masked also switches hop skipping
+
+
+def _ring_chunk(chunk_size: int, local_len: int) -> int:
+    # A chunk never spans both zigzag halves of a shard (one early, one late chunk of the
+    # sequence), so causal chunk skipping can balance the work; halving a short block costs little.
+    half = local_len // 2 if local_len % 2 == 0 and local_len > 1 else local_len
+    return max(1, min(chunk_size, half))
+
+
+def ring_attention_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    *,
+    axis_name: str = "sequence",
+    causal: bool = True,
+    scale: float | None = None,
+    chunk_size: int = 512,
+    skip_future_hops: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Ring attention for one shard; call inside ``jax.shard_map`` over ``axis_name``.
+
+    Args:
+        q: local ``[b, t, n, h]``; k, v: local ``[b, s, k, h]`` (the shard's K/V block).
+        q_positions / kv_positions: int ``[b, t]`` / ``[b, s]`` global positions of the local
+            tokens (any layout); q_segment_ids / kv_segment_ids: int, both or neither.
+        axis_name: the ring's mesh axis.
+        causal, scale, chunk_size: as for `attention.blockwise.blockwise_attention`.
+        skip_future_hops: False gives the classic ring (every hop and chunk pair computed
+            and masked), for benchmarks.
+
+    Returns:
+        out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]`` over all shards' keys.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    q_pos, kv_pos = q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise RingError("ring attention: give both q_segment_ids and kv_segment_ids, or neither.")
+    q_seg = jnp.zeros_like(q_pos) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
+    kv_seg = jnp.zeros_like(kv_pos) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    chunk = ChunkConfig(
+        causal=causal,
+        scale=float(h**-0.5 if scale is None else scale),
+        q_chunk=_ring_chunk(chunk_size, t),
+        kv_chunk=_ring_chunk(chunk_size, s),
+        skip_masked=skip_future_hops,
+    )
+    q, q_pos, q_seg = pad_queries(q, q_pos, q_seg, chunk.q_chunk)
+    k, v, kv_pos, kv_seg = pad_keys(k, v, kv_pos, kv_seg, chunk.kv_chunk)
+    out, lse = _ring(_RingConfig(axis_name, chunk), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return out[:, :t], lse[:, :t]
+
+
+def _shift(x, axis_name: str, size: int):
+    """Send ``x`` (a pytree) one step along the ring: shard r → r + 1."""
+    return lax.ppermute(x, axis_name, [(r, (r + 1) % size) for r in range(size)])
+
+
+def _ring_loop(cfg: _RingConfig, block, state, hop):
+    """Run ``state = hop(block_i, state)`` over the N hops, prefetching block i+1 before hop i.
+
+    ``hop`` returns ``(state, travelling)``: ``travelling`` (or None) is sent on after the hop
+    together with the block it belongs to (the backward's dK/dV accumulator).
+    """
+    size = lax.axis_size(cfg.axis_name)
+
+    def step(carry, last: bool):
+        block, state, travel = carry
+        nxt = None if last else _shift(block, cfg.axis_name, size)  # in flight during the compute
+        state, travel = hop(block, state, travel)
+        if travel is not None and size > 1:
+            travel = _shift(travel, cfg.axis_name, size)
+        return nxt, state, travel
+
+    carry = (block, *state)
+    if size > 1:  # hops 0 .. N-2 prefetch the next block; the last hop has nothing left to fetch
+        carry, _ = lax.scan(lambda c, _: (step(c, last=False), None), carry, None, length=size - 1)
+    carry = step(carry, last=True)
+    return carry[1], carry[2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return _ring_forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def _ring_forward(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    index = lax.axis_index(cfg.axis_name)
+    out0 = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    lse0 = jnp.full_like(out0, -jnp.inf, shape=q.shape[:3])
+
+    def hop(block, acc, _):
+        kb, vb, kpb, ksb = block
+
+        def compute(acc):
+            instrument.record("hop_fwd", index)
+            out_h, lse_h = flash_forward(q, kb, vb, q_pos, kpb, q_seg, ksb, cfg.chunk, index)
+            return merge_partials(*acc, out_h, lse_h)
+
+        if not cfg.chunk.skip_masked:
+            return compute(acc), None
+        return lax.cond(block_is_masked(q_pos, kpb, q_seg, ksb, cfg.chunk.causal), lambda a: a, compute, acc), None
+
+    (out, lse), _ = _ring_loop(cfg, (k, v, kv_pos, kv_seg), ((out0, lse0), None), hop)
+    return out.astype(q.dtype), lse
+
+
+def _ring_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = _ring_forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(cfg, res, cts):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cts
+    index = lax.axis_index(cfg.axis_name)
+    # Global output and LSE: p = exp(s - lse) are the final probabilities on every hop.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+    dq0 = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, delta)
+    dkv0 = (jnp.zeros_like(dq0, shape=k.shape), jnp.zeros_like(dq0, shape=v.shape))
+
+    def hop(block, dq, dkv):
+        kb, vb, kpb, ksb = block
+
+        def compute(args):
+            dq, (dk, dv) = args
+            instrument.record("hop_bwd", index)
+            dq_h, dk, dv = flash_backward(
+                q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, cfg.chunk, index, dk=dk, dv=dv
+            )
+            return dq + dq_h, (dk, dv)
+
+        if not cfg.chunk.skip_masked:
+            return compute((dq, dkv))
+        return lax.cond(block_is_masked(q_pos, kpb, q_seg, ksb, cfg.chunk.causal), lambda a: a, compute, (dq, dkv))
+
+    # The dK/dV accumulator travels with its block and, after N sends, is back on its own shard.
+    dq, (dk, dv) = _ring_loop(cfg, (k, v, kv_pos, kv_seg), (dq0, dkv0), hop)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def sharded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh,
+    causal: bool = True,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    chunk_size: int = 512,
+    skip_future_hops: bool = True,
+    axis_name: str = "sequence",
+    return_lse: bool = False,
+):
+    """Ring attention on globally shaped arrays: runs `ring_attention_shard` under ``jax.shard_map``.
+
+    Batch is split over ``("data", "fsdp")``, the sequence over ``axis_name`` and heads over
+    ``"tensor"`` (when both head counts divide it; otherwise heads are replicated with a
+    warning). Arrays may already be sharded so or not (jit reshards them; mesh axes are Auto).
+
+    Args:
+        q: ``[b, t, n, h]``; k, v: ``[b, s, k, h]``; t and s multiples of the ring size.
+        mesh: a mesh with an ``axis_name`` axis (`sharding.make_mesh`).
+        q_positions / kv_positions: int ``[b, t]`` / ``[b, s]``, default ``arange`` (tokens
+            in natural order; pass layout positions for zigzag/striped, `attention.layout`).
+        q_segment_ids / kv_segment_ids: int ``[b, t]`` / ``[b, s]``, both or neither.
+        causal, scale, chunk_size, skip_future_hops: as for `ring_attention_shard`.
+        return_lse: also return the fp32 ``[b, t, n]`` LSE.
+
+    Returns:
+        ``out [b, t, n, h]`` (and ``lse``), sharded like the inputs.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    axes = dict(mesh.shape)
+    if axis_name not in axes:
+        raise RingError(f"ring attention needs a mesh axis named {axis_name!r}; the mesh has {tuple(axes)}.")
+    ring = axes[axis_name]
+    if t % ring or s % ring:
+        raise RingError(
+            f"ring attention over {ring} '{axis_name}' shards needs query and key lengths divisible by {ring}; "
+            f"got {t} and {s}: pad the sequence (padding gets its own segment id) or change the mesh."
+        )
+    batch_axes = tuple(a for a in ("data", "fsdp") if axes.get(a, 1) > 1)
+    batch_shards = 1
+    for a in batch_axes:
+        batch_shards *= axes[a]
+    if b % batch_shards:
+        raise RingError(
+            f"batch {b} is not divisible by the {batch_shards} data×fsdp shards of the mesh: change the batch or mesh."
+        )
+    tensor = axes.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and n % tensor == 0 and kh % tensor == 0 else None
+    if tensor > 1 and head_axis is None:
+        warnings.warn(
+            f"ring attention: {n} query / {kh} kv heads do not divide tensor={tensor}; heads are replicated over it.",
+            stacklevel=2,
+        )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise RingError("ring attention: give both q_segment_ids and kv_segment_ids, or neither.")
+    q_pos = default_positions(b, t) if q_positions is None else q_positions.astype(jnp.int32)
+    kv_pos = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
+    q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
+    kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+
+    batch = batch_axes or None
+    act, tok, stat = P(batch, axis_name, head_axis, None), P(batch, axis_name), P(batch, axis_name, head_axis)
+    shard_fn = functools.partial(
+        ring_attention_shard,
+        axis_name=axis_name,
+        causal=causal,
+        scale=scale,
+        chunk_size=chunk_size,
+        skip_future_hops=skip_future_hops,
+    )
+    out, lse = jax.shard_map(
+        shard_fn, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=True
+    )(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse) if return_lse else out
