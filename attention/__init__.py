@@ -8,19 +8,55 @@ h head_dim)::
 
 Masks come from positions and segment ids, so any token order (ring layouts, packed
 documents, KV caches) is handled by the same code.
+
+Modules: `api` (the entry point), `reference` (dense), `xla`, `blockwise` (flash-style, custom
+VJP, returns the LSE) on the chunk loops of `flash`, `ring` (shard_map ring attention),
+`layout` (contiguous / zigzag / striped token layouts), `merge` (LSE merge), `instrument`
+(run-time counts of executed chunk pairs and ring hops).
 """
 
-from attention.api import IMPLS, AttentionError, attention, choose_impl
+from attention.api import IMPLS, AttentionError, attention, choose_impl, ring_problem
+from attention.blockwise import blockwise_attention
+from attention.instrument import count_work
+from attention.layout import (
+    LAYOUTS,
+    LayoutError,
+    check_layout,
+    from_layout,
+    from_layout_tree,
+    layout_permutation,
+    layout_positions,
+    to_layout,
+    to_layout_tree,
+)
 from attention.masks import EMPTY_POSITION, default_positions, make_mask
+from attention.merge import merge_partials
 from attention.reference import reference_attention
+from attention.ring import RingError, ring_attention_shard, sharded_attention
 
 __all__ = [
-    "IMPLS",
-    "AttentionError",
     "EMPTY_POSITION",
+    "IMPLS",
+    "LAYOUTS",
+    "AttentionError",
+    "LayoutError",
+    "RingError",
     "attention",
+    "blockwise_attention",
+    "check_layout",
     "choose_impl",
+    "count_work",
     "default_positions",
+    "from_layout",
+    "from_layout_tree",
+    "layout_permutation",
+    "layout_positions",
     "make_mask",
+    "merge_partials",
     "reference_attention",
+    "ring_attention_shard",
+    "ring_problem",
+    "sharded_attention",
+    "to_layout",
+    "to_layout_tree",
 ]
