@@ -49,6 +49,24 @@ def _dtype_name(leaf: Any) -> str:
     return np.dtype(leaf.dtype).name
 
 
+def _saver(params: Params):
+    """A synchronous orbax checkpointer and its save args for ``params``.
+
+    For an all-numpy tree (what the converters produce) orbax's default `NumpyHandler` would
+    deep-copy every array first — a second full copy of the model — so that an async save may
+    outlive the caller's arrays. This save is synchronous, so a handler without the copy is used,
+    and without zstd compression, which holds the compressed arrays in memory until the write
+    (~0.8x the model on random bf16) to save ~20% of disk. The files are the `StandardSave`
+    layout and restore with `StandardRestore`.
+    """
+    if all(isinstance(leaf, np.ndarray) for _, leaf in flatten(params)):
+        th = ocp.type_handlers
+        registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+        return ocp.Checkpointer(handler), ocp.args.PyTreeSave(params)
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()), ocp.args.StandardSave(params)
+
+
 def save_checkpoint(
     path: str | os.PathLike, config: LlamaConfig, params: Params, *, side_files_from: str | os.PathLike | None = None
 ) -> Path:
@@ -64,10 +82,9 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer, args = _saver(params)
         try:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
+            checkpointer.save(tmp / PARAMS_DIR, args=args)
         finally:
             checkpointer.close()
     return Path(path)
@@ -86,10 +103,47 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
         raise ConfigError(f"{file} does not describe a LlamaConfig ({exc}): fix or replace it.") from exc
 
 
+def _restore_error(root: Path, exc: Exception) -> ConversionError:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return ConversionError(
+        f"cannot restore the orbax parameters in {root / PARAMS_DIR} ({type(exc).__name__}: {first}): "
+        "the checkpoint is incomplete or corrupt."
+    )
+
+
+def _restore_host(root: Path, stored: Params, dtype: str | None) -> Params:
+    """Restore to numpy one leaf at a time.
+
+    A whole-tree restore reads every leaf concurrently, each through its own temporary buffer
+    (~30% of the model on top of the result); one leaf at a time bounds the extra to one leaf.
+    """
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    params: Params = {}
+    try:
+        for p, meta in flatten(stored):
+            leaf_dtype = np.dtype(dtype) if dtype else meta.dtype
+            target: Params = {}
+            set_path(target, p, jax.ShapeDtypeStruct(tuple(meta.shape), leaf_dtype))
+            args: Params = {}
+            set_path(args, p, ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf_dtype))
+            try:
+                out = checkpointer.restore(
+                    root / PARAMS_DIR, args=ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True)
+                )
+            except Exception as exc:  # tensorstore / orbax errors for damaged array files
+                raise _restore_error(root, exc) from exc
+            for key in p:
+                out = out[key]
+            set_path(params, p, out)
+    finally:
+        checkpointer.close()
+    return params
+
+
 def load_checkpoint(
     path: str | os.PathLike, mesh_shardings: Any = None, *, dtype: str | None = None
 ) -> tuple[LlamaConfig, Params]:
-    """Restore a ringllama checkpoint.
+    """Restore a ringllama checkpoint against an abstract target built from its config.
 
     Args:
       path: a directory written by `save_checkpoint`.
@@ -114,25 +168,24 @@ def load_checkpoint(
                 f"cannot read the orbax parameters in {root / PARAMS_DIR} ({type(exc).__name__}): "
                 "the checkpoint is incomplete or corrupt."
             ) from exc
+        # orbax would quietly restore the stored shapes over a disagreeing target: check first.
         check_params(stored, cfg, f"the parameters in {root}")
-        if isinstance(mesh_shardings, jax.sharding.Sharding):
-            sharding_of = lambda p: mesh_shardings
-        elif mesh_shardings is not None:
-            table = dict(flatten(mesh_shardings))
-            sharding_of = lambda p: table[p]
+        if mesh_shardings is None:
+            params = _restore_host(root, stored, dtype)
         else:
-            sharding_of = lambda p: None  # no sharding: orbax restores numpy arrays
-        target: Params = {}
-        for p, meta in flatten(stored):
-            leaf_dtype = np.dtype(dtype) if dtype else meta.dtype
-            set_path(target, p, jax.ShapeDtypeStruct(tuple(meta.shape), leaf_dtype, sharding=sharding_of(p)))
-        try:
-            params = checkpointer.restore(root / PARAMS_DIR, target)
-        except Exception as exc:  # tensorstore / orbax errors for damaged array files
-            raise ConversionError(
-                f"cannot restore the orbax parameters in {root / PARAMS_DIR} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): the checkpoint is incomplete or corrupt."
-            ) from exc
+            if isinstance(mesh_shardings, jax.sharding.Sharding):
+                sharding_of = lambda p: mesh_shardings
+            else:
+                table = dict(flatten(mesh_shardings))
+                sharding_of = lambda p: table[p]
+            target: Params = {}
+            for p, meta in flatten(stored):
+                leaf_dtype = np.dtype(dtype) if dtype else meta.dtype
+                set_path(target, p, jax.ShapeDtypeStruct(tuple(meta.shape), leaf_dtype, sharding=sharding_of(p)))
+            try:
+                params = checkpointer.restore(root / PARAMS_DIR, target)
+            except Exception as exc:
+                raise _restore_error(root, exc) from exc
     finally:
         checkpointer.close()
     return cfg.replace(param_dtype=_dtype_name(params["embed_tokens"]["embedding"])), params

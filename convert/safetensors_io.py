@@ -1,9 +1,13 @@
 """Safetensors checkpoints on disk: list and read them lazily, write them one tensor at a time.
 
-Reading goes through `safetensors.safe_open` (numpy framework; ``ml_dtypes`` is imported first so
-bf16 tensors come back as ``ml_dtypes.bfloat16``). Writing uses the format directly — an 8-byte
-little-endian header length, a JSON header, then the raw tensor bytes — because the header can be
-computed from shapes alone, so a shard is written tensor by tensor and never buffered whole.
+Every file is opened and validated with `safetensors.safe_open` (numpy framework; ``ml_dtypes`` is
+imported first so bf16 is understood), which lists names, shapes and dtypes from the header. The
+tensor bytes are then read with plain positional reads into a fresh array, one tensor at a time:
+``safe_open`` memory-maps the file, and every page a read touches stays in the process's resident
+set until the file is closed, so a 5 GB shard would add up to 5 GB to the peak (see
+BENCHMARKS.md, "Conversion memory"). Writing uses the format directly — an 8-byte little-endian
+header length, a JSON header, then the raw bytes — because the header follows from shapes alone,
+so a shard is written tensor by tensor and never buffered whole.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # numpy-style name, e.g. "bfloat16"
+    offset: int  # byte offset of the data in the file
+    nbytes: int
 
 
 def parse_size(text: str | int) -> int:
@@ -105,7 +111,8 @@ def list_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     files, weight_map = _files(model_dir)
     infos: dict[str, TensorInfo] = {}
     for file in files:
-        with _open(file) as f:
+        with _open(file) as f:  # validates the header against the file size before we trust it
+            start, offsets = _data_offsets(file)
             for name in f.keys():
                 piece = f.get_slice(name)
                 code = piece.get_dtype()
@@ -116,7 +123,10 @@ def list_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
                     )
                 if name in infos:
                     raise ConversionError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}.")
-                infos[name] = TensorInfo(name, file, tuple(piece.get_shape()), CODE_DTYPES[code])
+                begin, end = offsets[name]
+                infos[name] = TensorInfo(
+                    name, file, tuple(piece.get_shape()), CODE_DTYPES[code], start + begin, end - begin
+                )
     if weight_map is not None:
         for name, fname in weight_map.items():
             if name not in infos or infos[name].file.name != fname:
@@ -127,27 +137,46 @@ def list_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def _data_offsets(file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Start of the data section and each tensor's ``[begin, end)`` within it, from the raw header."""
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_into(fh, info: TensorInfo, buffer: memoryview, offset: int) -> None:
+    fh.seek(info.offset + offset)
+    if fh.readinto(buffer) != len(buffer):
+        raise ConversionError(
+            f"{info.file} ended inside tensor {info.name}: it is truncated, copy or download it again."
+        )
+
+
 def read_tensors(infos: Iterable[TensorInfo]) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """Yield ``(info, array)`` one tensor at a time, opening each file once."""
+    """Yield ``(info, array)`` one tensor at a time, each file opened once, without memory-mapping."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for info in infos:
         by_file.setdefault(info.file, []).append(info)
     for file, group in by_file.items():
-        with _open(file) as f:
-            for info in group:
-                yield info, f.get_tensor(info.name)
+        with open(file, "rb") as fh:
+            for info in sorted(group, key=lambda i: i.offset):  # sequential reads
+                array = np.empty(info.shape, info.dtype)
+                _read_into(fh, info, memoryview(array.reshape(-1).view(np.uint8)), 0)
+                yield info, array
 
 
-def arrays_equal(a: TensorInfo, b: TensorInfo, rows: int = 4096) -> bool:
-    """Whether two stored 2-D tensors are bit-for-bit equal, compared a block of rows at a time."""
+def arrays_equal(a: TensorInfo, b: TensorInfo, block: int = 1 << 26) -> bool:
+    """Whether two stored tensors are bit-for-bit equal, compared 64 MiB at a time."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    with _open(a.file) as fa, _open(b.file) as fb:
-        sa, sb = fa.get_slice(a.name), fb.get_slice(b.name)
-        for start in range(0, a.shape[0], rows):
-            stop = min(start + rows, a.shape[0])  # safetensors slices do not clip at the end
-            x, y = sa[start:stop], sb[start:stop]
-            if not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+    x, y = memoryview(bytearray(block)), memoryview(bytearray(block))
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        for start in range(0, a.nbytes, block):
+            n = min(block, a.nbytes - start)
+            _read_into(fa, a, x[:n], start)
+            _read_into(fb, b, y[:n], start)
+            if x[:n] != y[:n]:
                 return False
     return True
 

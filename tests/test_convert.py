@@ -193,6 +193,11 @@ def test_checkpoint_round_trip_and_load_model(hf_models, tmp_path):
     assert cfg3.param_dtype == "bfloat16"
     leaf = placed["layers"]["attn"]["q_proj"]["kernel"]
     assert isinstance(leaf, jax.Array) and leaf.sharding == sharded and leaf.dtype == np.dtype("bfloat16")
+    # Saving jax arrays (the training path) goes through orbax's standard handlers.
+    convert.save_checkpoint(tmp_path / "ck16", cfg3, placed)
+    cfg16, host16 = convert.load_checkpoint(tmp_path / "ck16")
+    assert cfg16 == cfg3
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(a.dtype)), host16, params)
 
     # load_model on both kinds of directory, with a layout change on the ringllama one.
     cfg4, per_layer = convert.load_model(ckpt, scan_layers=False)
