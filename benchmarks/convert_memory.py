@@ -1,6 +1,6 @@
 """Peak resident memory of ``python -m convert`` on a synthetic multi-shard checkpoint of ≥ 2 GB.
 
-    python benchmarks/convert_memory.py [--layers 22] [--shard-size 500MB] [--workdir /tmp]
+    python -m benchmarks.convert_memory [--layers 22] [--shard-size 500MB] [--workdir /tmp]
 
 1. Writes a Llama-shaped HF checkpoint with random bf16 weights, one tensor at a time (the
    generator itself stays small), sharded at ``--shard-size``.
