@@ -154,14 +154,24 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks with residuals; ``(x, layer_cache, ctx) -> (x, new_cache)``."""
+    """Pre-norm attention and MLP blocks with residuals; ``(x, layer_cache, ctx) -> (x, new_cache)``.
+
+    Scanned (``ctx`` omitted) the context rides in the carry: ``((x, ctx), cache) -> ((x, ctx), new_cache)``.
+    """
 
     config: LlamaConfig
     mesh: Any = None
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x_btd, layer_cache, ctx):
+    def __call__(self, x_btd, layer_cache, ctx=None):
+        carried = ctx is None
+        if carried:
+            # Not an nn.broadcast input on purpose: Flax partially evaluates a scan body on its
+            # broadcast inputs, and JAX's partial evaluation drops the custom VJP of any call whose
+            # inputs are part known, part unknown. Attention (positions known, q/k/v not) would then
+            # be differentiated through its chunk loops, saving every chunk's probabilities: O(t²).
+            x_btd, ctx = x_btd
         attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, name="attn")(
             _Scale(self.config, name="input_norm")(x_btd), ctx, layer_cache
         )
@@ -169,7 +179,7 @@ class DecoderLayer(nn.Module):
         x_btd = x_btd + Mlp(self.config, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
         if layer_cache is None:
             x_btd = _constrain(x_btd, ("batch", "length", "embed"), self.mesh)
-        return x_btd, new_cache
+        return ((x_btd, ctx) if carried else x_btd), new_cache
 
 
 class Llama(nn.Module):
@@ -218,11 +228,11 @@ class Llama(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.mesh, return_kv, name="layers")
-            x, new_layer_caches = stack(x, layer_caches, ctx)
+            (x, _), new_layer_caches = stack((x, ctx), layer_caches)  # ctx in the carry: see DecoderLayer
         else:
             new = []
             for i in range(cfg.num_layers):
