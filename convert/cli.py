@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert Llama 3 weights between Hugging Face, Meta and ringllama (orbax) formats. "
         "Tensors stream one at a time; the destination must not exist and appears only when complete.",
+        epilog="examples:\n"
+        "  ringllama-convert hf-to-flax Llama-3.2-1B ckpt/llama-1b --dtype bfloat16\n"
+        "  ringllama-convert flax-to-hf runs/demo/final out/hf --max-shard-size 2GB\n"
+        "  ringllama-convert meta-to-flax Meta-Llama-3.1-8B ckpt/llama-8b\n\n"
+        "exit status: 0 on success; 2 on bad input, with one sentence on stderr and no destination left behind.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dtype_help = f"parameter dtype of the output ({', '.join(DTYPES)}); default: as stored in the source"

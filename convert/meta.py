@@ -5,7 +5,10 @@ each head); ringllama and HF use the half-split layout (pairs ``j, j + h/2``), s
 reordered per head to ``[even rows, odd rows]``. Everything else is a rename onto the HF names,
 after which the one HF name map (`convert.names`) does the rest. Model-parallel checkpoints
 (several ``consolidated.NN.pth``) are concatenated along the axis each tensor was split on.
-torch is imported only here, and files load with ``weights_only=True`` (no pickled code runs).
+torch is imported only here, and files load with ``weights_only=True`` (no pickled code runs)
+and ``mmap=True``: tensors are paged in as they are converted, but a shard's touched pages stay
+resident until all of its tensors are dropped, so this path peaks higher than the safetensors one
+(about the model plus one consolidated shard).
 """
 
 from __future__ import annotations

@@ -134,14 +134,18 @@ def test_loaded_logits_match_transformers(hf_models):
     del model
 
 
-def test_load_hf_keeps_stored_dtype_or_casts(hf_models):
+def test_load_hf_keeps_stored_dtype_or_casts(hf_models, tmp_path):
     _, src = hf_models["tied"]
     cfg, params = convert.load_hf(src)
     assert cfg.param_dtype == "bfloat16"
     assert all(x.dtype == np.dtype("bfloat16") for x in jax.tree.leaves(params))
-    _, params32 = convert.load_hf(src, "float32")
+    cfg32, params32 = convert.load_hf(src, "float32")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params32), strict=True):
         np.testing.assert_array_equal(a.astype(np.float32), b)  # bf16 -> fp32 is exact
+    # ... and exporting the fp32 params as bf16 gives back the stored bits.
+    convert.save_hf(cfg32, params32, tmp_path / "out", dtype="bfloat16")
+    assert_bit_identical(read_dir(src), read_dir(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def _rewrite(file: Path, edit) -> None:
@@ -205,6 +209,8 @@ def test_checkpoint_round_trip_and_load_model(hf_models, tmp_path):
     cfg5, from_hf = convert.load_model(src, scan_layers=False)
     assert cfg5 == cfg4
     jax.tree.map(np.testing.assert_array_equal, per_layer, from_hf)
+    convert.save_hf(cfg4, per_layer, tmp_path / "hf_per_layer")  # export from the layers_i layout
+    assert_bit_identical(read_dir(src), read_dir(tmp_path / "hf_per_layer"))
     back_cfg, back = convert.relayout(per_layer, cfg4, True)
     assert back_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, back, params)
