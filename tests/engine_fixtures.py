@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -55,8 +56,19 @@ def mesh_for(name: str):
 
 @functools.cache
 def host_params():
-    """The initial parameters as numpy (one init compile for all tests)."""
-    return jax.device_get(model.init_params(CFG, jax.random.key(0)))
+    """Initial parameters as numpy, drawn like `model.init_params` (normal 0.02, norm scales 1).
+
+    Drawn on the host from a seed: compiling the Flax init costs more CPU than the tests it feeds.
+    """
+    rng = np.random.default_rng(0)
+    shapes = nn.meta.unbox(model.abstract_params(CFG))
+
+    def draw(path, x):
+        if path[-1].key == "scale":
+            return np.ones(x.shape, np.float32)
+        return (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def fresh_state(name: str):

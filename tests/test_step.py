@@ -178,9 +178,19 @@ def test_flops_formula_matches_xla_count_of_forward():
 # ----------------------------------------------------------------------------- eval, bf16 compute
 def test_eval_step_gives_the_train_loss_sums():
     ref_m, _, _ = _one_step("single", 2)  # the train step's loss at the initial params
-    eval_step = make_eval_step(CFG, mesh_for("single"), loss_chunk=LOSS_CHUNK)
-    loss_sum, count = jax.device_get(eval_step(host_params(), next(iterator(2))))
-    np.testing.assert_allclose(loss_sum / max(count, 1.0), ref_m["loss"], rtol=1e-6)
+    batch = next(iterator(2))
+    weighted = make_eval_step(CFG, mesh_for("single"), loss_chunk=LOSS_CHUNK, weighted=True)
+    loss_sum, weight = jax.device_get(weighted(host_params(), batch))
+    np.testing.assert_allclose(loss_sum / max(weight, 1.0), ref_m["loss"], rtol=1e-6)
+    # Perplexity counts each target token once, ignoring the answer-token weights of the data pipeline.
+    plain = make_eval_step(CFG, mesh_for("single"), loss_chunk=LOSS_CHUNK)
+    _, count = jax.device_get(plain(host_params(), batch))
+    assert count == ref_m["tokens"]
+    it = iterator(2)
+    batch = next(b for b in it if b["loss_mask"].max() > 1)  # one with up-weighted passkey answer tokens
+    _, count = jax.device_get(plain(host_params(), batch))
+    _, weight = jax.device_get(weighted(host_params(), batch))
+    assert count == np.count_nonzero(batch["loss_mask"]) < weight == batch["loss_mask"].sum()
 
 
 def test_bf16_compute_keeps_fp32_master_params():

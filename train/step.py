@@ -67,23 +67,33 @@ def _split_micro(x: jax.Array, k: int) -> jax.Array:
 
 
 def _batch_shardings(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
-    return {k: batch_sharding(mesh, np.shape(batch[k])) for k in BATCH_KEYS}
+    return {k: batch_sharding(mesh, batch[k].shape) for k in BATCH_KEYS}
 
 
 def put_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host batch on the mesh (``[b, t]`` over data/fsdp × sequence).
+    """Place a batch on the mesh as global arrays (``[b, t]`` over data/fsdp × sequence).
 
-    With several processes each passes its host-local rows (the data iterator's slice) and the
-    global array is assembled from them.
+    Host (numpy) arrays are this process's rows: with several processes each passes its own slice
+    (the data iterator's) and the global array, ``process_count`` times taller, is assembled from
+    them. Arrays already on devices are resharded only if their sharding differs.
     """
-    batch = {k: batch[k] for k in BATCH_KEYS}
-    if jax.process_count() == 1:
-        return jax.device_put(batch, _batch_shardings(mesh, batch))
     out = {}
-    for k, x in batch.items():
-        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
+    for name in BATCH_KEYS:
+        x = batch[name]
+        if isinstance(x, jax.Array):
+            out[name] = jax.device_put(x, batch_sharding(mesh, x.shape))
+            continue
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            out[name] = jax.device_put(x, batch_sharding(mesh, x.shape))
+        else:
+            global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), x, global_shape)
     return out
+
+
+def _shapes(batch: dict[str, jax.Array]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(x.shape) for x in batch.values())
 
 
 def make_train_step(
@@ -107,8 +117,8 @@ def make_train_step(
 
     Returns:
         A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
-        ``targets``, ``positions``, ``segment_ids``, ``loss_mask``; numpy arrays are placed with
-        `put_batch`) and returning the new state and metrics: ``loss`` (mean over counted tokens,
+        ``targets``, ``positions``, ``segment_ids``, ``loss_mask``; placed with `put_batch`, so numpy
+        host rows are fine) and returning the new state and metrics: ``loss`` (mean over counted tokens,
         weighted by ``loss_mask``), ``grad_norm`` (before clipping), ``lr``, ``tokens`` (tokens with a
         nonzero ``loss_mask``, as fp32), ``finite`` (bool).
         ``b`` must be divisible by ``grad_accum_steps``.
@@ -161,10 +171,13 @@ def make_train_step(
     compiled: dict[tuple, Callable] = {}
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        batch = {name: batch[name] for name in BATCH_KEYS}
-        shapes = tuple(tuple(np.shape(x)) for x in batch.values())
+        batch = put_batch(batch, mesh)
+        shapes = _shapes(batch)
         if shapes[0][0] % k:
-            raise ValueError(f"batch size {shapes[0][0]} is not divisible by grad_accum_steps={k}.")
+            raise ValueError(
+                f"global batch size {shapes[0][0]} is not divisible by grad_accum_steps={k}: "
+                "make the batch size a multiple of it."
+            )
         if shapes not in compiled:
             in_sh = (st_sh, _batch_shardings(mesh, batch))
             metrics_sh = dict.fromkeys(("loss", "grad_norm", "lr", "tokens", "finite"), rep)
@@ -174,8 +187,6 @@ def make_train_step(
                 out_shardings=(st_sh, metrics_sh),
                 donate_argnums=(0,) if donate else (),
             )
-        if any(isinstance(x, np.ndarray) for x in batch.values()):
-            batch = put_batch(batch, mesh)
         return compiled[shapes](state, batch)
 
     train_step.jitted = compiled  # the compiled variants, by batch shapes (for benchmarks / lowering)
@@ -184,11 +195,13 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_cfg: LlamaConfig, mesh: Mesh, *, loss_chunk: int = 1024
+    model_cfg: LlamaConfig, mesh: Mesh, *, loss_chunk: int = 1024, weighted: bool = False
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
     """Build ``eval_step(params, batch) -> (loss_sum, count)`` for held-out perplexity.
 
-    Sum the two over batches; perplexity is ``exp(Σ loss_sum / Σ count)``.
+    Sum the two over batches; perplexity is ``exp(Σ loss_sum / Σ count)``. By default every token
+    with a nonzero ``loss_mask`` counts once (plain per-token perplexity, whatever weights the data
+    pipeline put on answer tokens); ``weighted=True`` uses the mask's weights, as the train loss does.
     """
     model = Llama(model_cfg, mesh=mesh)
     p_sh = param_shardings(model_cfg, mesh)
@@ -196,16 +209,16 @@ def make_eval_step(
     compiled: dict[tuple, Callable] = {}
 
     def fn(params, batch):
+        if not weighted:
+            batch = dict(batch, loss_mask=(batch["loss_mask"] != 0).astype(jnp.float32))
         return _loss_sums(model, model_cfg, params, batch, loss_chunk)
 
     def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        batch = {name: batch[name] for name in BATCH_KEYS}
-        shapes = tuple(tuple(np.shape(x)) for x in batch.values())
+        batch = put_batch(batch, mesh)
+        shapes = _shapes(batch)
         if shapes not in compiled:
             in_sh = (p_sh, _batch_shardings(mesh, batch))
             compiled[shapes] = jax.jit(fn, in_shardings=in_sh, out_shardings=(rep, rep))
-        if any(isinstance(x, np.ndarray) for x in batch.values()):
-            batch = put_batch(batch, mesh)
         return compiled[shapes](params, batch)
 
     return eval_step
