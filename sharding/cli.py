@@ -1,0 +1,108 @@
+"""``python -m sharding plan``: will a training run fit? Per-device memory from `sharding.planner`.
+
+    python -m sharding plan --preset llama3-8b --seq-len 1048576 --mesh data=1,fsdp=8,sequence=64 \\
+        --device-memory 80GiB --remat full --batch 1
+
+Prints the plan table and whether it fits; exits 0 either way, 2 on bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40})
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names it and says what to write instead."""
+
+
+def parse_bytes(text: str) -> int:
+    """``"80GB"`` → 80·10⁹, ``"80GiB"``/``"80G"`` → 80·2³⁰, ``"1.5e9"`` → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"--device-memory {text!r} is not a size: write e.g. 80GB, 80GiB or 96e9.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sharding.planner import REMATS
+
+    p = argparse.ArgumentParser(prog="python -m sharding", description="ringllama sharding tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="per-device memory of one training step")
+    plan.add_argument("--preset", default="llama3-8b", help="model preset (model.PRESETS), default llama3-8b")
+    plan.add_argument("--config", help="a Hugging Face config.json (or model dir) instead of --preset")
+    plan.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per step (global), default 1")
+    plan.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,fsdp=8,sequence=64")
+    plan.add_argument("--devices", type=int, help="device count, needed when an axis is -1")
+    plan.add_argument("--remat", default="full", choices=REMATS, help="remat policy, default full")
+    plan.add_argument("--attention", choices=("auto", "reference", "xla", "blockwise", "ring"), default="auto")
+    plan.add_argument("--attention-chunk", type=int, help="chunk of blockwise/ring attention (default: config's)")
+    plan.add_argument("--loss-chunk", type=int, default=1024, help="positions per loss chunk (0: full logits)")
+    plan.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"), help="compute")
+    plan.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    plan.add_argument("--device-memory", help="memory per device, e.g. 80GB / 80GiB / 96e9 bytes")
+    return p
+
+
+def _load_config(args):
+    import model
+
+    if args.config:
+        cfg = model.LlamaConfig.from_hf(args.config)
+    else:
+        cfg = model.preset(args.preset)
+    changes = {"dtype": args.dtype, "param_dtype": args.param_dtype}
+    if args.attention_chunk is not None:
+        if args.attention_chunk < 1:
+            raise UsageError(f"--attention-chunk must be positive, got {args.attention_chunk}.")
+        changes["attention_chunk"] = args.attention_chunk
+    return cfg.replace(**changes)
+
+
+def run_plan(args) -> int:
+    from model.config import ConfigError
+    from sharding.mesh import MeshConfig, MeshError
+    from sharding.planner import PlanError, plan_memory
+
+    try:
+        device_bytes = None if args.device_memory is None else parse_bytes(args.device_memory)
+        mesh = MeshConfig.parse(args.mesh)
+        cfg = _load_config(args)
+        if args.loss_chunk < 0:
+            raise UsageError(f"--loss-chunk must be 0 (full logits) or positive, got {args.loss_chunk}.")
+        plan = plan_memory(
+            cfg,
+            args.seq_len,
+            args.batch,
+            mesh,
+            args.remat,
+            attention=args.attention,
+            loss_chunk=args.loss_chunk or None,
+            num_devices=args.devices,
+        )
+    except (UsageError, MeshError, PlanError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.config or args.preset
+    print(f"{name}: {cfg.num_params() / 1e9:.2f}B parameters")
+    print(plan.table(device_bytes))
+    if device_bytes is not None:
+        print("FITS" if plan.fits(device_bytes) else "DOES NOT FIT")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "plan":
+        return run_plan(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""Per-device memory plan of one training step: parameters, gradients, AdamW state, activations, attention.
+
+`plan_memory(config, seq_len, batch, mesh, remat)` counts bytes per device from the same rules
+table that shards the real arrays (`sharding.rules`), so the plan follows the mesh exactly:
+
+- **parameters / gradients**: every parameter's local shard (``param_dtype``);
+- **optimizer**: AdamW's two moments per parameter (fp32 by default), sharded like the params;
+- **activations**: what the backward pass needs, per layer, by remat policy (per token, local
+  sizes; ``d`` embed, ``n``/``k`` local query/kv heads, ``h`` head_dim, ``f`` local mlp):
+  ``none`` keeps the layer input, both norm outputs, q, k, v, attention output and LSE, the
+  residual after attention and the MLP's gate, up and product (``4d + 2nh + 2kh + 3f``);
+  ``full`` keeps only the layer input (``d``) and recomputes the rest one layer at a time;
+  ``dots`` keeps the matmul outputs (``3d + nh + 2kh + 2f``) and the dense attention scores;
+  ``dots_with_no_batch_dims`` the same without the attention scores;
+- **layer working set**: the backward of one layer: the recomputed activations (under remat)
+  plus their cotangents; FSDP all-gathers of one layer's weights (this one and the next);
+- **attention**: the implementation's working set: dense ``[t, s]`` fp32 scores for
+  ``reference``/``xla``; chunk tiles and fp32 accumulators for ``blockwise``; for ``ring``
+  also the K/V block in flight and the fp32 dK/dV travelling with it in the backward;
+- **logits / loss**: fp32 logits of one loss chunk (the train loss is chunked over positions),
+  with their softmax and its gradient.
+
+The plan is checked against XLA's compiled ``memory_analysis()`` in ``tests/test_planner.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sharding.mesh import AXES, MeshConfig
+from sharding.rules import ACTIVATION_RULES, PARAM_RULES, local_shape
+
+REMATS = ("none", "full", "dots", "dots_with_no_batch_dims")
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+    """Planner inputs that describe no valid run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device, by category; ``total`` is their sum."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    layer_working: int
+    attention: int
+    logits: int
+    batch: int
+    description: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    ROWS = (
+        ("params", "parameters"),
+        ("grads", "gradients"),
+        ("optimizer", "optimizer state"),
+        ("activations", "saved activations"),
+        ("layer_working", "layer working set"),
+        ("attention", "attention working set"),
+        ("logits", "logits / loss"),
+        ("batch", "batch (tokens, positions, ...)"),
+    )
+
+    @property
+    def state(self) -> int:
+        """Bytes that live across steps: parameters and optimizer state (the step's arguments)."""
+        return self.params + self.optimizer + self.batch
+
+    @property
+    def temporaries(self) -> int:
+        """Bytes that exist only during the step: gradients, activations, working sets."""
+        return self.grads + self.activations + self.layer_working + self.attention + self.logits
+
+    @property
+    def total(self) -> int:
+        return self.state + self.temporaries
+
+    def fits(self, device_bytes: int, reserve: float = 0.0) -> bool:
+        """Whether the plan fits ``device_bytes`` with a fraction ``reserve`` kept free."""
+        return self.total <= device_bytes * (1.0 - reserve)
+
+    def table(self, device_bytes: int | None = None) -> str:
+        """A human-readable table (one row per category, GiB and % of the total)."""
+        lines = [self.description] if self.description else []
+        width = max(len(label) for _, label in self.ROWS)
+        lines.append(f"  {'per device':<{width}}  {'GiB':>10}  {'share':>6}")
+        for key, label in self.ROWS:
+            v = getattr(self, key)
+            lines.append(f"  {label:<{width}}  {v / GiB:>10.3f}  {100 * v / max(self.total, 1):>5.1f}%")
+        lines.append(f"  {'total':<{width}}  {self.total / GiB:>10.3f}")
+        if device_bytes is not None:
+            free = device_bytes - self.total
+            verdict = "fits" if free >= 0 else "does NOT fit"
+            lines.append(
+                f"  device memory {device_bytes / GiB:.2f} GiB: {verdict} "
+                f"({'headroom' if free >= 0 else 'short by'} {abs(free) / GiB:.2f} GiB)"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def mesh_sizes(mesh, num_devices: int | None = None) -> dict[str, int]:
+    """``{axis: size}`` from a `Mesh`, a `MeshConfig` (``num_devices`` resolves a -1) or a dict."""
+    if isinstance(mesh, MeshConfig):
+        sizes = [getattr(mesh, a) for a in AXES]
+        if -1 in sizes:
+            if num_devices is None:
+                raise PlanError(f"mesh {mesh.describe()} has a -1 axis: give every axis size or the device count.")
+            return dict(zip(AXES, mesh.resolve(num_devices), strict=True))
+        if any(s < 1 for s in sizes):
+            raise PlanError(f"mesh axis sizes must be positive, got {mesh.describe()}.")
+        return dict(zip(AXES, sizes, strict=True))
+    if isinstance(mesh, Mapping):
+        return {a: int(mesh.get(a, 1)) for a in AXES}
+    return {a: int(dict(mesh.shape).get(a, 1)) for a in AXES}
+
+
+def _nbytes(shape) -> int:
+    return math.prod(shape)
+
+
+def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
+    """(local params, one layer's params gathered over fsdp, gathered embedding/head) in elements."""
+    import jax
+
+    from model.params import abstract_params, logical_axes  # lazy: keeps `import sharding` light
+
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
+    names = jax.tree_util.tree_flatten_with_path(logical_axes(config), is_leaf=is_names)[0]
+    shapes = [x.value.shape for x in jax.tree.leaves(abstract_params(config), is_leaf=_boxed)]
+    no_fsdp = dict(sizes, fsdp=1)
+    local = layer = head = 0
+    for (path, n), shape in zip(names, shapes, strict=True):
+        local += _nbytes(local_shape(n, shape, PARAM_RULES, sizes))
+        gathered = _nbytes(local_shape(n, shape, PARAM_RULES, no_fsdp))
+        top = str(getattr(path[0], "key", path[0]))
+        if top == "layers":
+            layer += gathered // config.num_layers
+        elif top.startswith("layers_"):
+            layer += gathered if top == "layers_0" else 0
+        elif top in ("embed_tokens", "lm_head"):
+            head = max(head, gathered)
+    return local, layer, head
+
+
+def _boxed(x) -> bool:
+    return hasattr(x, "names") and hasattr(x, "value")
+
+
+def resolve_attention(config, seq_len: int, sizes: dict[str, int], attention: str | None) -> str:
+    """The attention implementation the step will run (``auto`` resolved like `attention.choose_impl`)."""
+    impl = attention or config.attention_impl
+    if impl == "auto":
+        if sizes["sequence"] > 1:
+            return "ring"
+        return "reference" if seq_len <= 1024 else "blockwise"
+    return impl
+
+
+def plan_memory(
+    config,
+    seq_len: int,
+    batch: int,
+    mesh,
+    remat: str | None = None,
+    *,
+    attention: str | None = None,
+    loss_chunk: int | None = 1024,
+    moment_bytes: int = 4,
+    num_devices: int | None = None,
+) -> MemoryPlan:
+    """Per-device memory of one AdamW training step.
+
+    Args:
+        config: a `model.LlamaConfig` (its ``dtype``/``param_dtype``/``attention_chunk`` are used).
+        seq_len, batch: global tokens per sequence and sequences per step.
+        mesh: `MeshConfig` (sizes), a `jax.sharding.Mesh` or ``{axis: size}``.
+        remat: remat policy (default ``config.remat_policy``): none | full | dots | dots_with_no_batch_dims.
+        attention: override ``config.attention_impl`` (reference | xla | blockwise | ring | auto).
+        loss_chunk: positions per chunk of the chunked cross-entropy (`train.loss`); None for
+            full ``[b, t, v]`` logits.
+        moment_bytes: bytes per AdamW moment element (4: fp32).
+        num_devices: resolves a ``-1`` axis of a `MeshConfig`.
+    """
+    remat = config.remat_policy if remat is None else remat
+    if remat not in REMATS:
+        raise PlanError(f"unknown remat policy {remat!r}: use one of {', '.join(REMATS)}.")
+    if seq_len < 1 or batch < 1:
+        raise PlanError(f"seq_len and batch must be positive, got seq_len={seq_len}, batch={batch}.")
+    sizes = mesh_sizes(mesh, num_devices)
+    impl = resolve_attention(config, seq_len, sizes, attention)
+    if impl == "ring" and sizes["sequence"] == 1:
+        impl = "blockwise"  # a ring of one is blockwise attention
+    if impl != "ring" and sizes["sequence"] > 1:
+        raise PlanError(f"a sequence axis of {sizes['sequence']} needs ring attention, not {impl!r}.")
+    if seq_len % sizes["sequence"]:
+        raise PlanError(f"seq_len {seq_len} is not divisible by sequence={sizes['sequence']}: change one of them.")
+    A, W = _BYTES[config.dtype], _BYTES[config.param_dtype]
+    notes: list[str] = []
+
+    b, t = local_shape(("batch", "length"), (batch, seq_len), ACTIVATION_RULES, sizes)
+    if batch % (sizes["data"] * sizes["fsdp"]):
+        notes.append(
+            f"batch {batch} does not divide data×fsdp={sizes['data'] * sizes['fsdp']}: some of those devices "
+            "repeat the same sequences (raise the batch or move devices to the sequence axis)."
+        )
+    (n,) = local_shape(("heads",), (config.num_heads,), ACTIVATION_RULES, sizes)
+    (k,) = local_shape(("kv_heads",), (config.num_kv_heads,), ACTIVATION_RULES, sizes)
+    (f,) = local_shape(("mlp",), (config.intermediate_size,), ACTIVATION_RULES, sizes)
+    (v,) = local_shape(("vocab",), (config.vocab_size,), ACTIVATION_RULES, sizes)
+    d, h, L = config.hidden_size, config.head_dim, config.num_layers
+    tokens = b * t
+
+    local, layer_gathered, head_gathered = _param_counts(config, sizes)
+    params = local * W
+    grads = local * W
+    optimizer = 2 * local * moment_bytes
+
+    # Per token, one layer: everything the backward reads when nothing is recomputed.
+    full_layer = A * (4 * d + 2 * n * h + 2 * k * h + 3 * f) + 4 * n  # + fp32 LSE
+    scores = 4 * n * t * (seq_len if impl != "ring" else t)  # one [t, s] fp32 score matrix per token row set
+    saved_per_layer = {
+        "none": tokens * full_layer + (b * scores if impl in ("reference", "xla") else 0),
+        "full": tokens * A * d,
+        "dots": tokens * A * (3 * d + n * h + 2 * k * h + 2 * f) + (b * scores if impl in ("reference", "xla") else 0),
+        "dots_with_no_batch_dims": tokens * A * (3 * d + n * h + 2 * k * h + 2 * f),
+    }[remat]
+    # Embedding output and the final norm's input/output, once.
+    activations = L * saved_per_layer + 3 * tokens * A * d
+
+    cotangents = tokens * A * (2 * d + 2 * n * h + 2 * k * h + 2 * f)
+    # Under remat the backward of one layer first rebuilds what the policy did not save.
+    recompute = 0 if remat == "none" else max(0, tokens * full_layer - saved_per_layer)
+    gathers = 0
+    if sizes["fsdp"] > 1 or A != W:
+        gathers = 2 * layer_gathered * A + layer_gathered * W  # this layer + next (compute dtype), its grads
+        notes.append("FSDP all-gathers one layer's weights at a time (and prefetches the next).")
+    layer_working = recompute + cotangents + gathers
+
+    if impl in ("reference", "xla"):
+        # scores, probabilities and their gradient for one layer, fp32.
+        attention_ws = 3 * b * scores + b * t * seq_len
+    else:
+        cq = ck = max(1, min(config.attention_chunk, t // 2 if impl == "ring" and t % 2 == 0 else t))
+        tile = 4 * 4 * b * n * cq * ck  # s, p, dp, ds for one chunk pair
+        acc = 4 * b * t * n * h * 2 + 4 * b * t * k * h * 2  # fp32 out/dq and dk/dv accumulators
+        attention_ws = tile + acc
+        if impl == "ring":
+            attention_ws += 2 * 2 * b * t * k * h * A  # K/V block in use + the next one in flight
+            attention_ws += 2 * b * t * k * h * 4  # dK/dV being sent on with their block
+    positions = (seq_len if loss_chunk is None else min(loss_chunk, seq_len)) * t // seq_len
+    logits = 3 * 4 * b * max(1, positions) * v + (A * b * positions * v if A != 4 else 0)
+    logits += head_gathered * A if (sizes["fsdp"] > 1 or A != W) else 0
+    batch_bytes = 4 * 4 * tokens  # tokens, positions, segment ids, targets (int32)
+
+    ndev = math.prod(sizes.values())
+    desc = (
+        f"memory plan: {seq_len:,} tokens × batch {batch}, mesh "
+        + " ".join(f"{a}={sizes[a]}" for a in AXES)
+        + f" ({ndev} devices), remat {remat}, attention {impl}, {config.param_dtype} params, "
+        f"{config.dtype} compute, loss chunk {loss_chunk or 'none'}"
+    )
+    return MemoryPlan(
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        activations=activations,
+        layer_working=layer_working,
+        attention=attention_ws,
+        logits=logits,
+        batch=batch_bytes,
+        description=desc,
+        notes=tuple(notes),
+    )
