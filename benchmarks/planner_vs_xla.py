@@ -158,6 +158,13 @@ EXTRA = (
         (("attention_impl", "blockwise"), ("remat_policy", "full"), ("attention_chunk", 64)),
     ),
     Shape(
+        "ring, no remat",
+        MeshConfig(data=1, fsdp=2, tensor=1, sequence=4),
+        2,
+        1024,
+        (("attention_impl", "ring"), ("remat_policy", "none"), ("attention_chunk", 32)),
+    ),
+    Shape(
         "ring, no remat, unscanned layers",
         MeshConfig(data=1, fsdp=2, tensor=1, sequence=4),
         2,

@@ -14,6 +14,7 @@ from sharding.distributed import (
     process_local_index,
 )
 from sharding.mesh import AXES, MeshConfig, MeshError, make_mesh
+from sharding.planner import MemoryPlan, PlanError, plan_memory
 from sharding.rules import (
     ACTIVATION_RULES,
     PARAM_RULES,
@@ -37,7 +38,9 @@ __all__ = [
     "RULES_TABLE",
     "DistributedError",
     "MeshConfig",
+    "MemoryPlan",
     "MeshError",
+    "PlanError",
     "RulesError",
     "batch_sharding",
     "constrain",
@@ -50,6 +53,7 @@ __all__ = [
     "make_mesh",
     "opt_state_shardings",
     "param_shardings",
+    "plan_memory",
     "process_local_index",
     "replicated",
     "shard_params",

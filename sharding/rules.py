@@ -135,7 +135,7 @@ def logical_to_spec(
     """A `PartitionSpec` for logical ``names`` (see `logical_to_axes` for the arguments).
 
     >>> logical_to_spec(("batch", "length", "embed"))
-    PartitionSpec(('data', 'fsdp'), 'sequence', None)
+    P(('data', 'fsdp'), 'sequence', None)
     """
     axes = logical_to_axes(names, rules, mesh, shape, strict=strict)
     return P(*[None if not a else (a[0] if len(a) == 1 else a) for a in axes])
