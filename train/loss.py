@@ -19,12 +19,29 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunk_loss(h_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array, mask_bc: jax.Array) -> jax.Array:
+def _constrain(x: jax.Array, names: tuple, mesh) -> jax.Array:
+    if mesh is None:
+        return x
+    from sharding.rules import constrain
+
+    return constrain(x, names, mesh)
+
+
+def _chunk_loss(
+    h_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array, mask_bc: jax.Array, mesh=None
+) -> jax.Array:
     """Masked cross-entropy summed over one chunk, fp32 from the logits on."""
+    # The head is cast here, per chunk, not once outside the scan: the scan then sums the head's
+    # gradient over chunks in the head's own dtype (fp32 master weights), not in bf16.
     # bf16 inputs keep bf16 matmul speed; the accumulation and everything after it are fp32.
+    head_dv = head_dv.astype(h_bcd.dtype)
     logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, head_dv, preferred_element_type=jnp.float32)  # [b, c, v]
+    logits_bcv = _constrain(logits_bcv, ("batch", "length", "vocab"), mesh)
     lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-    target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+    # A compare-and-sum rather than a gather: with the vocab sharded over `tensor` each device picks
+    # from its own slice and one [b, c] all-reduce combines them (a gather would collect the logits).
+    vocab_v = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32)
+    target_logit_bc = jnp.sum(jnp.where(vocab_v == targets_bc[..., None], logits_bcv, 0.0), axis=-1)
     return jnp.sum((lse_bc - target_logit_bc) * mask_bc)
 
 
@@ -34,6 +51,7 @@ def chunked_cross_entropy(
     targets_bt: jax.Array,
     mask_bt: jax.Array,
     chunk: int,
+    mesh=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of counted tokens.
 
@@ -41,11 +59,16 @@ def chunked_cross_entropy(
         hidden_btd: final-norm hidden states ``[b, t, d]`` (the model's ``return_hidden=True``
             output), in the compute dtype.
         head_dv: the output projection ``[d, v]`` (`model.lm_head_kernel`); cast to the hidden
-            dtype for the matmul.
+            dtype for each chunk's matmul, its gradient summed over chunks in its own dtype.
         targets_bt: int ``[b, t]`` next-token ids (any value where the mask is 0).
         mask_bt: ``[b, t]`` bool or float weights; 0 on padding and on tokens without a target.
         chunk: positions per chunk (≥ 1). ``t`` need not be a multiple: the tail is padded with
-            masked positions. ``chunk ≥ t`` computes the loss in one piece.
+            masked positions. ``chunk ≥ t`` computes the loss in one piece. With the sequence
+            sharded, keep ``ceil(t / ceil(t / chunk))`` divisible by the ``sequence`` axis size so
+            every chunk splits evenly over the ring.
+        mesh: when given, the chunked hidden states and each chunk's logits are pinned to the rules
+            table's activation shardings (batch over data/fsdp, positions over ``sequence``, vocab
+            over ``tensor``), so neither the forward nor the backward reshuffles them per chunk.
 
     Returns:
         ``(loss_sum, count)``: fp32 scalars, ``Σ mask · CE`` and ``Σ mask``. The mean loss is
@@ -57,7 +80,6 @@ def chunked_cross_entropy(
     b, t, d = hidden_btd.shape
     mask_bt = mask_bt.astype(jnp.float32)
     count = jnp.sum(mask_bt)
-    head_dv = head_dv.astype(hidden_btd.dtype)
     n = -(-t // chunk)  # number of chunks
     c = -(-t // n)  # positions per chunk (≤ chunk, and padding < n)
     pad = n * c - t
@@ -65,19 +87,24 @@ def chunked_cross_entropy(
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
         mask_bt = jnp.pad(mask_bt, ((0, 0), (0, pad)))
-    # Position p = i·n + j goes to chunk j, row i: [b, c·n] -> [b, c, n] -> scan over n.
-    h_nbcd = jnp.moveaxis(hidden_btd.reshape(b, c, n, d), 2, 0)
-    tgt_nbc = jnp.moveaxis(targets_bt.reshape(b, c, n), 2, 0).astype(jnp.int32)
-    mask_nbc = jnp.moveaxis(mask_bt.reshape(b, c, n), 2, 0)
+    # Position p = i·n + j goes to chunk j, row i: [b, c·n] -> [b, c, n]; step j slices [:, :, j] in place
+    # (a dynamic slice, not a transposed copy of the hidden states; the backward writes the hidden
+    # gradient chunk by chunk into one buffer the same way).
+    h_bcnd = _constrain(hidden_btd.reshape(b, c, n, d), ("batch", "length", None, "embed"), mesh)
+    tgt_bcn = targets_bt.reshape(b, c, n).astype(jnp.int32)
+    mask_bcn = mask_bt.reshape(b, c, n)
 
     # Remat: the backward recomputes each chunk's logits instead of storing n of them.
-    chunk_loss = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable)
+    chunk_loss = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(4,))
 
-    def body(total, xs):
-        h_bcd, tgt_bc, m_bc = xs
-        return total + chunk_loss(h_bcd, head_dv, tgt_bc, m_bc), None
+    def body(total, j):
+        h_bcd, tgt_bc, m_bc = (
+            jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcnd, tgt_bcn, mask_bcn)
+        )
+        h_bcd = _constrain(h_bcd, ("batch", "length", "embed"), mesh)
+        return total + chunk_loss(h_bcd, head_dv, tgt_bc, m_bc, mesh), None
 
-    loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nbcd, tgt_nbc, mask_nbc))
+    loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n))
     return loss_sum, count
 
 
@@ -86,5 +113,5 @@ def full_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """The same sums with the whole ``[b, t, v]`` logits at once (short sequences, tests)."""
     mask_bt = mask_bt.astype(jnp.float32)
-    loss = _chunk_loss(hidden_btd, head_dv.astype(hidden_btd.dtype), targets_bt.astype(jnp.int32), mask_bt)
+    loss = _chunk_loss(hidden_btd, head_dv, targets_bt.astype(jnp.int32), mask_bt)
     return loss, jnp.sum(mask_bt)

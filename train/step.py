@@ -55,9 +55,8 @@ def _loss_sums(
         segment_ids=batch["segment_ids"],
         return_hidden=True,
     )
-    return chunked_cross_entropy(
-        hidden_btd, lm_head_kernel(params, cfg), batch["targets"], batch["loss_mask"], loss_chunk
-    )
+    head_dv = lm_head_kernel(params, cfg)
+    return chunked_cross_entropy(hidden_btd, head_dv, batch["targets"], batch["loss_mask"], loss_chunk, model.mesh)
 
 
 def _split_micro(x: jax.Array, k: int) -> jax.Array:
