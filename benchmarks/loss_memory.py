@@ -43,7 +43,9 @@ def main(argv=None) -> None:
     tgt = jax.ShapeDtypeStruct((b, t), jnp.int32)
     mask = jax.ShapeDtypeStruct((b, t), jnp.float32)
     gib = 2.0**30
-    print(f"batch {b}, seq {t}, hidden {d}, vocab {v}, {args.dtype} hidden, {args.head_dtype} head; fp32 logits alone = {b * t * v * 4 / gib:.2f} GiB")
+    logits_gib = b * t * v * 4 / gib
+    print(f"batch {b}, seq {t}, hidden {d}, vocab {v}, {args.dtype} hidden, {args.head_dtype} head")
+    print(f"fp32 logits alone = {logits_gib:.2f} GiB")
     print("| variant | temp memory (GiB) | compile (s) |")
     print("|---|---:|---:|")
     variants = [] if args.skip_full else [("full logits", None)]
