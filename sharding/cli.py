@@ -21,11 +21,14 @@ class UsageError(ValueError):
 
 
 def parse_bytes(text: str) -> int:
-    """``"80GB"`` → 80·10⁹, ``"80GiB"``/``"80G"`` → 80·2³⁰, ``"1.5e9"`` → bytes."""
+    """``"80GB"`` → 80·10⁹, ``"80GiB"``/``"80G"`` → 80·2³⁰, ``"1.5e9"`` → bytes (bare numbers: ≥ 1 MiB)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise UsageError(f"--device-memory {text!r} is not a size: write e.g. 80GB, 80GiB or 96e9.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if not m.group(2) and value < 2**20:
+        raise UsageError(f"--device-memory {text!r} has no unit and is under 1 MiB: write e.g. {text}GB or {text}GiB.")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:

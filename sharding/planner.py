@@ -111,7 +111,9 @@ def mesh_sizes(mesh, num_devices: int | None = None) -> dict[str, int]:
         sizes = [getattr(mesh, a) for a in AXES]
         if -1 in sizes:
             if num_devices is None:
-                raise PlanError(f"mesh {mesh.describe()} has a -1 axis: give every axis size or the device count.")
+                raise PlanError(
+                    f"mesh {mesh.describe()} has a -1 axis: give every axis a size, or the device count (--devices)."
+                )
             return dict(zip(AXES, mesh.resolve(num_devices), strict=True))
         if any(s < 1 for s in sizes):
             raise PlanError(f"mesh axis sizes must be positive, got {mesh.describe()}.")

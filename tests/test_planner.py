@@ -91,6 +91,7 @@ def test_cli(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     for bad, message in [
         (["--device-memory", "80 parsecs"], "is not a size"),
+        (["--device-memory", "80"], "has no unit"),
         (["--loss-chunk", "-1"], "--loss-chunk must be"),
         (["--preset", "llama9"], "unknown preset 'llama9'"),
     ]:
