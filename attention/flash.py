@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention import instrument
+from attention.merge import merge_partials
 
 # Position of padded query rows: before every key, so a causal mask hides all keys from them
 # and they never raise a chunk's maximum query position (the skip rule stays tight).
@@ -119,14 +120,21 @@ def _maybe_skip(cfg: ChunkConfig, masked, compute, carry):
     return lax.cond(masked, lambda c: c, compute, carry)
 
 
-def flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, device_index=None):
-    """Online-softmax attention over padded inputs.
+def flash_forward(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, device_index=None, out=None, lse=None, active=None
+):
+    """Online-softmax attention over padded inputs, optionally merged into earlier partial results.
 
     Args:
         q: ``[b, t, n, h]`` with ``t % cfg.q_chunk == 0``; k, v: ``[b, s, k, h]`` with
             ``s % cfg.kv_chunk == 0``; positions / segment ids int32 ``[b, t]`` / ``[b, s]``.
         cfg: chunking and masking settings.
         device_index: ring position for `instrument` counts (None off a ring).
+        out, lse: fp32 ``[b, t, n, h]`` / ``[b, t, n]`` results over other keys (a ring's earlier
+            hops) to merge into, chunk by chunk in place (no second full-size buffer); None: none.
+        active: traced bool; False runs zero iterations and returns ``out, lse`` untouched (a
+            skipped ring hop). A zero-trip loop rather than a ``cond``, whose branches would
+            need a second copy of the full-size carries.
 
     Returns:
         out fp32 ``[b, t, n, h]`` (zeros for rows with no visible key) and lse fp32 ``[b, t, n]``
@@ -136,12 +144,17 @@ def flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, devic
     kh = k.shape[2]
     g, cq, ck = n // kh, cfg.q_chunk, cfg.kv_chunk
     q5 = q.reshape(b, t, kh, g, h)
+    merge = out is not None
+    if not merge:
+        out = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        lse = jnp.full_like(out, -jnp.inf, shape=q.shape[:3])
 
-    def q_step(_, i):
+    def q_step(i, carry):
+        out, lse = carry
         qi = lax.dynamic_slice_in_dim(q5, i * cq, cq, axis=1)  # [b, cq, k, g, h]
         qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
         qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
-        acc0 = _vary_like(jnp.zeros((b, kh, g, cq, h), jnp.float32), qi, k, v, qpi, kv_pos, qsi, kv_seg)
+        acc0 = _vary_like(jnp.zeros((b, kh, g, cq, h), jnp.float32), out, qi, k, v, qpi, kv_pos, qsi, kv_seg)
         m0 = jnp.full_like(acc0, -jnp.inf, shape=(b, kh, g, cq))  # running row max
         l0 = jnp.zeros_like(m0)  # running softmax denominator
 
@@ -169,18 +182,37 @@ def flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, devic
 
         acc, m, denom = lax.fori_loop(0, k.shape[1] // ck, kv_step, (acc0, m0, l0))
         seen = denom > 0
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)  # [b, k, g, cq]
-        out = acc / jnp.where(seen, denom, 1.0)[..., None]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, cq, n, h)
-        return None, (out, lse.transpose(0, 3, 1, 2).reshape(b, cq, n))
+        lse_i = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)  # [b, k, g, cq]
+        out_i = acc / jnp.where(seen, denom, 1.0)[..., None]
+        out_i = out_i.transpose(0, 3, 1, 2, 4).reshape(b, cq, n, h)
+        lse_i = lse_i.transpose(0, 3, 1, 2).reshape(b, cq, n)
+        if merge:
+            prev_out = lax.dynamic_slice_in_dim(out, i * cq, cq, axis=1)
+            prev_lse = lax.dynamic_slice_in_dim(lse, i * cq, cq, axis=1)
+            out_i, lse_i = merge_partials(prev_out, prev_lse, out_i, lse_i)
+        out = lax.dynamic_update_slice_in_dim(out, out_i, i * cq, axis=1)
+        return out, lax.dynamic_update_slice_in_dim(lse, lse_i, i * cq, axis=1)
 
-    _, (out, lse) = lax.scan(q_step, None, jnp.arange(t // cq))  # [t/cq, b, cq, ...]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
-    return out, jnp.moveaxis(lse, 0, 1).reshape(b, t, n)
+    return lax.fori_loop(0, _trips(t // cq, active), q_step, (out, lse))
 
 
 def flash_backward(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, cfg: ChunkConfig, device_index=None, dk=None, dv=None
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    do,
+    lse,
+    delta,
+    cfg: ChunkConfig,
+    device_index=None,
+    dq=None,
+    dk=None,
+    dv=None,
+    active=None,
 ):
     """Gradients of `flash_forward` recomputed chunk by chunk from the saved (global) LSE.
 
@@ -190,10 +222,12 @@ def flash_backward(
         lse: fp32 ``[b, t, n]`` log-sum-exp of the *complete* attention row (for the ring:
             over all hops), so ``p = exp(s - lse)`` are the final probabilities.
         delta: fp32 ``[b, t, n]``: ``sum(do * out, -1) - dlse`` with the final output.
-        dk, dv: fp32 ``[b, s, k, h]`` accumulators to add into (zeros when None).
+        dq, dk, dv: fp32 accumulators (``[b, t, n, h]``, ``[b, s, k, h]``) to add into in place
+            (zeros when None).
+        active: traced bool; False skips all work (see `flash_forward`).
 
     Returns:
-        dq, dk, dv in fp32 (dq only this call's contribution; dk/dv including the accumulators).
+        dq, dk, dv in fp32, including the accumulators.
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -202,27 +236,30 @@ def flash_backward(
     # Rows that saw no key have lse -inf and an all-false mask: any finite shift works.
     lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, t, kh, g)
     delta4 = delta.reshape(b, t, kh, g)
+    if dq is None:
+        dq = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
     if dk is None:
-        dk = _vary_like(jnp.zeros(k.shape, jnp.float32), q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
-        dv = jnp.zeros_like(dk)
+        dk, dv = jnp.zeros_like(dq, shape=k.shape), jnp.zeros_like(dq, shape=v.shape)
 
-    def q_step(carry, i):
+    def q_step(i, carry):
+        dq, dk, dv = carry
         qi = lax.dynamic_slice_in_dim(q5, i * cq, cq, axis=1)  # [b, cq, k, g, h]
         doi = lax.dynamic_slice_in_dim(do5, i * cq, cq, axis=1)
         lse_i = lax.dynamic_slice_in_dim(lse4, i * cq, cq, axis=1).transpose(0, 2, 3, 1)  # [b, k, g, cq]
         delta_i = lax.dynamic_slice_in_dim(delta4, i * cq, cq, axis=1).transpose(0, 2, 3, 1)
         qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
         qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
-        dq0 = _vary_like(jnp.zeros(qi.shape, jnp.float32), carry[0], qi, doi, lse_i, delta_i)
+        # This chunk's dq accumulates on top of what earlier calls (ring hops) left there.
+        dq0 = _vary_like(lax.dynamic_slice_in_dim(dq, i * cq, cq, axis=1).reshape(qi.shape), dk, dv, qi, doi)
 
         def kv_step(j, inner):
+            dqi, dk, dv = inner
             kj = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=1)  # [b, ck, k, h]
             vj = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=1)
             kpj = lax.dynamic_slice_in_dim(kv_pos, j * ck, ck, axis=1)
             ksj = lax.dynamic_slice_in_dim(kv_seg, j * ck, ck, axis=1)
 
-            def compute(inner):
-                dqi, dk, dv = inner
+            def compute(dqi):
                 instrument.record("chunk_bwd", device_index)
                 s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
                 mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]
@@ -236,14 +273,28 @@ def flash_backward(
                 dk_j = cfg.scale * jnp.einsum(
                     "bkgqs,bqkgh->bskh", ds.astype(q.dtype), qi, preferred_element_type=jnp.float32
                 )
-                dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, j * ck, ck, 1) + dk_j, j * ck, 1)
-                dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, j * ck, ck, 1) + dv_j, j * ck, 1)
-                return dqi, dk, dv
+                return dqi, dk_j, dv_j
 
-            return _maybe_skip(cfg, block_is_masked(qpi, kpj, qsi, ksj, cfg.causal), compute, inner)
+            def skip(dqi):
+                zeros = _vary_like(jnp.zeros(kj.shape, jnp.float32), dqi, kj, vj, kpj, ksj, lse_i, delta_i)
+                return dqi, zeros, zeros
 
-        dqi, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step, (dq0, *carry))
-        return (dk, dv), dqi
+            # The cond carries only chunk-sized values; the full dK/dV stay in the loop carry.
+            if cfg.skip_masked:
+                masked = block_is_masked(qpi, kpj, qsi, ksj, cfg.causal)
+                dqi, dk_j, dv_j = lax.cond(masked, skip, compute, dqi)
+            else:
+                dqi, dk_j, dv_j = compute(dqi)
+            dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, j * ck, ck, 1) + dk_j, j * ck, 1)
+            dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, j * ck, ck, 1) + dv_j, j * ck, 1)
+            return dqi, dk, dv
 
-    (dk, dv), dq = lax.scan(q_step, (dk, dv), jnp.arange(t // cq))  # dq [t/cq, b, cq, k, g, h]
-    return jnp.moveaxis(dq, 0, 1).reshape(b, t, n, h), dk, dv
+        dqi, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step, (dq0, dk, dv))
+        return lax.dynamic_update_slice_in_dim(dq, dqi.reshape(b, cq, n, h), i * cq, axis=1), dk, dv
+
+    return lax.fori_loop(0, _trips(t // cq, active), q_step, (dq, dk, dv))
+
+
+def _trips(count: int, active):
+    """Loop trip count: ``count``, or 0 when the traced ``active`` is False."""
+    return count if active is None else jnp.where(active, count, 0)

@@ -48,7 +48,16 @@ def _bump(kind: str, index) -> None:
     _COUNTS[(kind, int(index))] += 1
 
 
-def record(kind: str, index: jax.Array | int | None) -> None:
-    """Count one unit of ``kind`` work at run time (no-op unless traced inside `count_work`)."""
-    if _ENABLED[0]:
-        jax.debug.callback(functools.partial(_bump, kind), jnp.asarray(0 if index is None else index, jnp.int32))
+def record(kind: str, index: jax.Array | int | None, when: jax.Array | None = None) -> None:
+    """Count one unit of ``kind`` work at run time, only if the traced bool ``when`` holds (if given).
+
+    A no-op unless traced inside `count_work`.
+    """
+    if not _ENABLED[0]:
+        return
+    index = jnp.asarray(0 if index is None else index, jnp.int32)
+    bump = functools.partial(_bump, kind)
+    if when is None:
+        jax.debug.callback(bump, index)
+    else:
+        jax.lax.cond(when, lambda i: jax.debug.callback(bump, i), lambda i: None, index)

@@ -9,11 +9,12 @@ at hop i shard r holds the block that started on shard ``r − i``. Per hop:
   GQA is never expanded on the wire) is issued *before* this hop's compute, so XLA can
   overlap communication with work;
 - a hop whose KV block is entirely hidden from the query block (causal future, disjoint
-  documents; decided from the blocks' position/segment ranges) goes through the identity
-  branch of a ``lax.cond``: skipped, not computed and masked. Inside a hop, chunk pairs are
+  documents; decided from the blocks' position/segment ranges) runs its chunk loops zero
+  times: skipped, not computed and masked. Inside a hop, chunk pairs are
   skipped the same way (`attention.flash`), which is what balances the zigzag and striped
   layouts (`attention.layout`);
-- the hop's result merges into the running one in fp32 by LSE (`attention.merge`).
+- the hop's result merges into the running one in fp32 by LSE (`attention.merge`), query
+  chunk by query chunk, in place.
 
 The backward is a hand-written ``jax.custom_vjp`` fed with the *global* output and LSE: it
 runs the ring again, recomputing each hop's probabilities, and sends a dK/dV accumulator
@@ -47,7 +48,6 @@ from attention.flash import (
     pad_queries,
 )
 from attention.masks import default_positions
-from attention.merge import merge_partials
 
 
 class RingError(AttentionError):
@@ -144,6 +144,17 @@ def _ring_loop(cfg: _RingConfig, block, state, hop):
     return carry[1], carry[2]
 
 
+def _hop_active(cfg: _RingConfig, q_pos, kv_pos, q_seg, kv_seg):
+    """Traced bool: this hop's KV block is not entirely hidden from the query block (None: always run).
+
+    A hidden hop runs its chunk loops zero times: no compute, and, unlike a ``lax.cond``, no
+    second copy of the full-size output / gradient accumulators.
+    """
+    if not cfg.chunk.skip_masked:
+        return None
+    return ~block_is_masked(q_pos, kv_pos, q_seg, kv_seg, cfg.chunk.causal)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     return _ring_forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
@@ -156,15 +167,10 @@ def _ring_forward(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
     def hop(block, acc, _):
         kb, vb, kpb, ksb = block
-
-        def compute(acc):
-            instrument.record("hop_fwd", index)
-            out_h, lse_h = flash_forward(q, kb, vb, q_pos, kpb, q_seg, ksb, cfg.chunk, index)
-            return merge_partials(*acc, out_h, lse_h)
-
-        if not cfg.chunk.skip_masked:
-            return compute(acc), None
-        return lax.cond(block_is_masked(q_pos, kpb, q_seg, ksb, cfg.chunk.causal), lambda a: a, compute, acc), None
+        active = _hop_active(cfg, q_pos, kpb, q_seg, ksb)
+        instrument.record("hop_fwd", index, when=active)
+        # Merged into the running result by LSE inside, chunk by chunk, in place.
+        return flash_forward(q, kb, vb, q_pos, kpb, q_seg, ksb, cfg.chunk, index, *acc, active=active), None
 
     (out, lse), _ = _ring_loop(cfg, (k, v, kv_pos, kv_seg), ((out0, lse0), None), hop)
     return out.astype(q.dtype), lse
@@ -186,18 +192,12 @@ def _ring_bwd(cfg, res, cts):
 
     def hop(block, dq, dkv):
         kb, vb, kpb, ksb = block
-
-        def compute(args):
-            dq, (dk, dv) = args
-            instrument.record("hop_bwd", index)
-            dq_h, dk, dv = flash_backward(
-                q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, cfg.chunk, index, dk=dk, dv=dv
-            )
-            return dq + dq_h, (dk, dv)
-
-        if not cfg.chunk.skip_masked:
-            return compute((dq, dkv))
-        return lax.cond(block_is_masked(q_pos, kpb, q_seg, ksb, cfg.chunk.causal), lambda a: a, compute, (dq, dkv))
+        active = _hop_active(cfg, q_pos, kpb, q_seg, ksb)
+        instrument.record("hop_bwd", index, when=active)
+        dq, dk, dv = flash_backward(
+            q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, cfg.chunk, index, dq, *dkv, active=active
+        )
+        return dq, (dk, dv)
 
     # The dK/dV accumulator travels with its block and, after N sends, is back on its own shard.
     dq, (dk, dv) = _ring_loop(cfg, (k, v, kv_pos, kv_seg), (dq0, dkv0), hop)
