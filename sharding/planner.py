@@ -123,10 +123,6 @@ def mesh_sizes(mesh, num_devices: int | None = None) -> dict[str, int]:
     return {a: int(dict(mesh.shape).get(a, 1)) for a in AXES}
 
 
-def _nbytes(shape) -> int:
-    return math.prod(shape)
-
-
 def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
     """(local params, one layer's params gathered over fsdp, gathered embedding/head) in elements."""
     import jax
@@ -139,8 +135,8 @@ def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
     no_fsdp = dict(sizes, fsdp=1)
     local = layer = head = 0
     for (path, n), shape in zip(names, shapes, strict=True):
-        local += _nbytes(local_shape(n, shape, PARAM_RULES, sizes))
-        gathered = _nbytes(local_shape(n, shape, PARAM_RULES, no_fsdp))
+        local += math.prod(local_shape(n, shape, PARAM_RULES, sizes))
+        gathered = math.prod(local_shape(n, shape, PARAM_RULES, no_fsdp))
         top = str(getattr(path[0], "key", path[0]))
         if top == "layers":
             layer += gathered // config.num_layers
@@ -226,7 +222,8 @@ def plan_memory(
 
     # Per token, one layer: everything the backward reads when nothing is recomputed.
     full_layer = A * (4 * d + 2 * n * h + 2 * k * h + 3 * f) + 4 * n  # + fp32 LSE
-    scores = 4 * n * t * (seq_len if impl != "ring" else t)  # one [t, s] fp32 score matrix per token row set
+    # Dense attention's fp32 [n, t, s] scores of one sequence (s: all keys; ring is never dense).
+    scores = 4 * n * t * (seq_len if impl != "ring" else t)
     saved_per_layer = {
         "none": tokens * full_layer + (b * scores if impl in ("reference", "xla") else 0),
         "full": tokens * A * d,
@@ -241,7 +238,10 @@ def plan_memory(
     recompute = 0 if remat == "none" else max(0, tokens * full_layer - saved_per_layer)
     gathers = 0
     if sizes["fsdp"] > 1 or A != W:
-        gathers = 2 * layer_gathered * A + layer_gathered * W  # this layer + next (compute dtype), its grads
+        # This layer's weights and the next one's, gathered over fsdp and/or cast to the compute
+        # dtype, plus this layer's full weight gradients before they are reduce-scattered.
+        gathers = 2 * layer_gathered * A + layer_gathered * W
+    if sizes["fsdp"] > 1:
         notes.append("FSDP all-gathers one layer's weights at a time (and prefetches the next).")
     layer_working = recompute + cotangents + gathers
 
