@@ -1,8 +1,8 @@
 """Jit-compiled autoregressive generation with the KV cache: greedy, temperature and top-p.
 
 The whole loop (prefill + ``lax.while_loop`` decode) is one compiled program per
-(config, batch, prompt length, max_new_tokens, greedy or not, eos ids): the prefill and the
-one-token decode step are each traced once, and temperature / top-p are traced scalars.
+(config, batch, prompt length, max_new_tokens, greedy or not): the prefill and the one-token
+decode step are each traced once; temperature, top-p, eos ids and the pad id are traced.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.cache import init_cache
 from model.config import LlamaConfig
@@ -39,8 +40,12 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, temperature, top_p) -> ja
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "eos_ids", "pad_id"))
-def _generate(params, prompt, key, temperature, top_p, *, config, max_new_tokens, greedy, eos_ids, pad_id):
+# Stop ids travel as a fixed-size array padded with -1 (never a token), so new eos sets reuse the program.
+_EOS_SLOTS = 8
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
+def _generate(params, prompt, key, temperature, top_p, eos, pad_id, *, config, max_new_tokens, greedy):
     b, t = prompt.shape
     model = Llama(config)
     temperature = 0 if greedy else temperature
@@ -52,7 +57,6 @@ def _generate(params, prompt, key, temperature, top_p, *, config, max_new_tokens
     last_bv = jnp.einsum("bd,dv->bv", hidden[:, -1], lm_head_kernel(params, config).astype(dt))  # [b, v]
     key, sub = jax.random.split(key)
     first = sample_token(last_bv, sub, temperature, top_p)
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
 
@@ -99,15 +103,17 @@ def generate(
     key = jax.random.key(0) if key is None else key
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}.")
+    eos = np.full(max(_EOS_SLOTS, len(eos_ids)), -1, np.int32)
+    eos[: len(eos_ids)] = eos_ids
     return _generate(
         params,
         jnp.asarray(prompt, jnp.int32),
         key,
         jnp.float32(temperature),
         jnp.float32(top_p),
+        jnp.asarray(eos),
+        jnp.int32(pad_id),
         config=config,
         max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
-        eos_ids=tuple(int(e) for e in eos_ids),
-        pad_id=int(pad_id),
     )

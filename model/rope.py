@@ -184,6 +184,8 @@ def rope_cos_sin(
     """``cos, sin`` of shape ``[batch, seq, head_dim/2]`` (fp32, attention factor applied).
 
     ``dynamic`` and ``longrope`` depend on the largest position in ``positions``, as in HF.
+    ``dynamic`` builds its θ in-graph, so its angles are plain fp32 ``pos · inv_freq`` (off by
+    up to ~pos·2⁻²⁴ rad, as in transformers); every other type gets `rope_angles`' precision.
     """
     if rope.rope_type == "dynamic":
         # θ depends on a traced length, so the frequencies are built in-graph (fp32 angles).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def tiny_hf_config(**overrides):
@@ -79,3 +80,16 @@ def ringllama_from_hf(model, **overrides):
 
 def _tree_map(fn, tree):
     return {k: _tree_map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch single-threaded for a test module: on tiny models its intra-op threads only spin,
+    costing 10-50x the CPU time on a shared 2-core box. Use it by importing it into the module
+    and setting ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_fixtures import one_torch_thread  # noqa: F401  (module fixture)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import model
@@ -69,6 +70,8 @@ BASE_HF = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def v4_dict(rope: dict, theta: float = 500000.0, type_key: str = "rope_type") -> dict:

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import ringllama_from_hf, tiny_hf_model
+from hf_fixtures import (
+    one_torch_thread,  # noqa: F401  (module fixture)
+    ringllama_from_hf,
+    tiny_hf_model,
+)
 
 import model
 from model.generate import _generate, sample_token
@@ -28,6 +32,8 @@ LONGROPE = {
     "long_factor": [float(x) for x in np.linspace(1.0, 6.0, 8)],
     "original_max_position_embeddings": 32,
 }
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prompts(batch: int, length: int, seed: int) -> np.ndarray:
@@ -64,8 +70,8 @@ def test_cached_decoding_equals_the_full_forward(llama3):
     step = jax.jit(lambda p, t, c: net.apply({"params": p}, t, cache=c))
     cache = model.init_cache(cfg, 2, 24)
     pieces = []
-    # Prefill 11, then 5 single tokens, then a chunk of 4: every path through the cache.
-    for lo, hi in [(0, 11), *[(i, i + 1) for i in range(11, 16)], (16, 20)]:
+    # Chunks of 4 (prefill, then extending a filled cache), then single tokens: every path through the cache.
+    for lo, hi in [(0, 4), (4, 8), (8, 12), (12, 16), *[(i, i + 1) for i in range(16, 20)]]:
         logits, cache = step(params, toks[:, lo:hi], cache)
         pieces.append(np.asarray(logits))
     assert int(cache["index"]) == 20
@@ -193,7 +199,7 @@ def test_greedy_sample_token_is_argmax():
 
 
 def test_generate_compiles_once_per_shape(llama3):
-    """New prompts, new weights and new sampling settings reuse the compiled programs."""
+    """New prompts, weights, sampling settings, eos ids and pad ids reuse the compiled programs."""
     _, cfg, params = llama3
     prompt = prompts(2, 12, seed=9)
     model.generate(cfg, params, prompt, NEW, eos_ids=())  # greedy: compiled here or by an earlier test
@@ -206,6 +212,9 @@ def test_generate_compiles_once_per_shape(llama3):
     assert sampling <= before + 1  # the sampling program (unless an earlier test compiled it)
     model.generate(cfg, params, prompt, NEW, eos_ids=(), temperature=0.9, top_p=0.3, key=jax.random.key(3))
     model.generate(cfg, params, prompt, NEW, eos_ids=(), temperature=1.7, top_p=1.0, key=jax.random.key(4))
+    model.generate(cfg, params, prompt, NEW, eos_ids=(5, 7, 9), pad_id=3, temperature=0.8)
+    assert _generate._cache_size() == sampling
+    model.generate(cfg, params, prompt, NEW, eos_ids=(5,), pad_id=1)  # greedy with stop ids: no recompile
     assert _generate._cache_size() == sampling
 
 

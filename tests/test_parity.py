@@ -16,7 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import hf_logits, ringllama_from_hf, tiny_hf_model
+from hf_fixtures import (
+    hf_logits,
+    one_torch_thread,  # noqa: F401  (module fixture)
+    ringllama_from_hf,
+    tiny_hf_model,
+)
 
 import model
 from convert import names
@@ -30,17 +35,20 @@ LONGROPE = {
     "long_factor": [float(x) for x in np.linspace(1.0, 6.0, 8)],
     "original_max_position_embeddings": 32,
 }
-# name: (transformers overrides, ringllama overrides, sequence lengths checked in this order).
-# The tiny base: vocab 128, hidden 64, mlp 96, 2 layers, 4 heads, 2 kv heads, head_dim 16, θ 10000.
+# name: (transformers overrides, ringllama overrides, sequence length, position offsets or None).
+# Offsets shift explicit positions (as a sequence shard passes its global ones) without new shapes,
+# so each case compiles once; None runs the default positions 0..length-1.
+# The tiny base: vocab 128, hidden 64, mlp 96, 2 layers, 4 heads, 2 kv heads (GQA ratio 2), head_dim 16, θ 10000.
 CASES = {
-    "default": ({}, {}, [24]),
-    "linear": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {}, [24]),
-    # dynamic: θ grows with the largest position once past max_position_embeddings (32); lengths increase
-    # because transformers keeps the largest θ it has seen.
+    "default": ({}, {}, 24, None),
+    "linear": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {}, 24, None),
+    # dynamic: θ grows with the largest position once past max_position_embeddings (32): largest
+    # position + 1 = 24, 32 (unchanged), 33, 80. Increasing, because transformers keeps the largest θ it saw.
     "dynamic": (
         {"max_position_embeddings": 32, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
         {},
-        [32, 33, 80],
+        24,
+        [0, 8, 9, 56],
     ),
     "yarn": (
         {
@@ -48,7 +56,8 @@ CASES = {
             "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
         },
         {},
-        [48],
+        48,
+        None,
     ),
     "yarn_mscale_no_truncate": (
         {
@@ -65,30 +74,34 @@ CASES = {
             },
         },
         {},
-        [48],
+        48,
+        None,
     ),
     "llama3": (
         {"max_position_embeddings": 256, "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 32}},
         {},
-        [48],
+        24,
+        [0, 1000],
     ),
-    # longrope: short factors up to 32 tokens, long factors beyond (the switch is on the largest position).
-    "longrope": ({"max_position_embeddings": 128, "rope_scaling": LONGROPE}, {}, [32, 33]),
-    "mha_ratio1": ({"num_attention_heads": 8, "num_key_value_heads": 8}, {}, [20]),
-    "gqa_ratio2": ({"num_attention_heads": 8, "num_key_value_heads": 4}, {}, [20]),
-    "gqa_ratio4": ({"num_attention_heads": 8, "num_key_value_heads": 2}, {}, [20]),
-    "mqa_ratio8": ({"num_attention_heads": 8, "num_key_value_heads": 1}, {}, [20]),
-    "tied": ({"tie_word_embeddings": True}, {}, [20]),
-    "head_dim_32": ({"head_dim": 32}, {}, [20]),
-    "head_dim_24_mha": ({"head_dim": 24, "num_key_value_heads": 4}, {}, [20]),
+    # longrope: short factors while the largest position + 1 ≤ 32, long ones beyond: 24, 32 | 33, 64.
+    "longrope": ({"max_position_embeddings": 128, "rope_scaling": LONGROPE}, {}, 24, [0, 8, 9, 40]),
+    "mha_ratio1": ({"num_attention_heads": 8, "num_key_value_heads": 8}, {}, 20, None),
+    "gqa_ratio4": ({"num_attention_heads": 8, "num_key_value_heads": 2}, {}, 20, None),
+    "mqa_ratio8": ({"num_attention_heads": 8, "num_key_value_heads": 1}, {}, 20, None),
+    "tied": ({"tie_word_embeddings": True}, {}, 20, None),
+    "head_dim_32": ({"head_dim": 32}, {}, 20, None),
+    "head_dim_24_mha": ({"head_dim": 24, "num_key_value_heads": 4}, {}, 20, None),
     "unrolled_llama3": (
         {"max_position_embeddings": 256, "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 16}},
         {"scan_layers": False},
-        [40],
+        40,
+        None,
     ),
-    "remat_full_scan": ({}, {"remat_policy": "full"}, [20]),
-    "remat_dots_unrolled_tied": ({"tie_word_embeddings": True}, {"remat_policy": "dots", "scan_layers": False}, [20]),
+    "remat_full_scan": ({}, {"remat_policy": "full"}, 20, None),
+    "remat_dots_unrolled": ({}, {"remat_policy": "dots", "scan_layers": False}, 20, None),
 }
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -106,36 +119,50 @@ def ours(cfg, params, toks, positions=None, segment_ids=None) -> np.ndarray:
     return np.asarray(forward(cfg)(params, jnp.asarray(toks), positions, segment_ids))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_match_transformers(name):
-    hf_over, our_over, lengths = CASES[name]
+def hf_logits_at(hf, toks: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    if positions is None:
+        return hf_logits(hf, toks)
+    with torch.no_grad():
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return hf(torch.as_tensor(toks, dtype=torch.long), position_ids=pos).logits.numpy()
+
+
+def case_inputs(name: str):
+    """(transformers model, config, params, tokens, [positions or None, ...]) for a case."""
+    hf_over, our_over, length, offsets = CASES[name]
     hf = tiny_hf_model(seed=len(name), **hf_over)
     cfg, params = ringllama_from_hf(hf, **our_over)
-    for key, value in our_over.items():
+    toks = tokens(2, length, seed=length)
+    base = np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))
+    return hf, cfg, params, toks, [None] if offsets is None else [base + o for o in offsets]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(name):
+    hf, cfg, params, toks, position_sets = case_inputs(name)
+    for key, value in CASES[name][1].items():
         assert getattr(cfg, key) == value
     if "layers" in params:
         assert params["layers"]["attn"]["q_proj"]["kernel"].shape[0] == cfg.num_layers
-    for length in lengths:
-        toks = tokens(2, length, seed=length)
-        ref = hf_logits(hf, toks)
-        got = ours(cfg, params, toks)
-        assert got.shape == ref.shape == (2, length, 128)
+    for positions in position_sets:
+        ref = hf_logits_at(hf, toks, positions)
+        got = ours(cfg, params, toks, None if positions is None else jnp.asarray(positions))
+        assert got.shape == ref.shape == (2, toks.shape[1], 128)
         err = float(np.max(np.abs(got - ref)))
-        assert err <= TOL, f"{name} length {length}: max |Δ| {err:.2e}"
+        where = "default positions" if positions is None else f"largest position {positions.max()}"
+        assert err <= TOL, f"{name}, {where}: max |Δ| {err:.2e}"
 
 
-def test_rope_switches_really_change_the_logits():
-    """The dynamic / longrope cases above would be vacuous if crossing the threshold changed little.
-
-    Reuses the shapes compiled above: the first 32 tokens of a longer run against a 32-token run.
-    """
-    for name, longer in (("dynamic", 80), ("longrope", 33)):
-        hf_over, _, lengths = CASES[name]
-        assert 32 in lengths and longer in lengths
-        cfg, params = ringllama_from_hf(tiny_hf_model(seed=len(name), **hf_over))
-        toks = tokens(2, longer, seed=1)
-        change = np.max(np.abs(ours(cfg, params, toks)[:, :32] - ours(cfg, params, toks[:, :32])))
-        assert change > 10 * TOL, (name, change)
+def test_position_offsets_matter_only_where_the_rope_says_so():
+    """RoPE is relative: shifting every position leaves llama3's logits alone, while crossing the
+    dynamic / longrope thresholds changes them — so the cases above are not vacuous. Reuses their shapes."""
+    for name, shift, changes in (("llama3", 1000, False), ("dynamic", 56, True), ("longrope", 40, True)):
+        _, cfg, params, toks, _ = case_inputs(name)
+        base = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
+        near = ours(cfg, params, toks, jnp.asarray(base))
+        far = ours(cfg, params, toks, jnp.asarray(base + shift))
+        change = float(np.max(np.abs(far - near)))
+        assert (change > 10 * TOL) if changes else (change <= TOL), (name, change)
 
 
 # ----------------------------------------------------------------------------- packed documents
@@ -220,20 +247,19 @@ def test_every_parameter_has_logical_axes_of_its_rank(scan):
             assert shape[0] == cfg.num_layers, where
         size = {"vocab": 256, "embed": 64, "heads": 4, "kv_heads": 2, "head_dim": 24, "mlp": 128, "layers": 2}
         assert shape == tuple(size[n] for n in names_), where
-    params = model.init_params(cfg, jax.random.key(0))
-    assert jax.tree.map(lambda x: x.shape, params) == shapes
-    assert model.count_params(params) == cfg.num_params()
 
 
 def test_init_is_deterministic_and_lm_head_follows_tying():
-    cfg = model.preset("tiny", scan_layers=False, head_dim=24)  # compiled by the test above
-    a, b = model.init_params(cfg, jax.random.key(1)), model.init_params(cfg, jax.random.key(1))
-    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
-    c = model.init_params(cfg, jax.random.key(2))
+    cfg = model.preset("tiny")
+    a, b, c = (jax.device_get(model.init_params(cfg, jax.random.key(k))) for k in (1, 1, 2))  # one compile
+    assert jax.tree.map(np.shape, a) == jax.tree.map(lambda x: x.shape, nn.meta.unbox(model.abstract_params(cfg)))
+    assert model.count_params(a) == cfg.num_params()
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert not np.array_equal(a["embed_tokens"]["embedding"], c["embed_tokens"]["embedding"])
-    assert float(jnp.std(a["embed_tokens"]["embedding"])) == pytest.approx(0.02, rel=0.05)
-    np.testing.assert_array_equal(np.asarray(a["norm"]["scale"]), 1.0)
+    assert float(np.std(a["embed_tokens"]["embedding"])) == pytest.approx(0.02, rel=0.05)
+    np.testing.assert_array_equal(a["norm"]["scale"], 1.0)
     np.testing.assert_array_equal(model.lm_head_kernel(a, cfg), a["lm_head"]["kernel"])
+    assert a["layers"]["mlp"]["up_proj"]["kernel"].shape == (cfg.num_layers, 64, 128)
     tied_cfg = cfg.replace(tie_word_embeddings=True)
     assert "lm_head" not in model.abstract_params(tied_cfg)
     tied = {k: v for k, v in a.items() if k != "lm_head"}

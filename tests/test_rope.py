@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_fixtures import one_torch_thread  # noqa: F401  (module fixture)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model import RopeConfig, apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, theta_for_length
 from model.rope import default_inv_freq
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _factors(n: int, lo: float, hi: float) -> list[float]:
