@@ -1,0 +1,247 @@
+"""Causal attention fwd+bwd: dense reference, blockwise, and three ring variants on the 8-device mesh.
+
+    python -m benchmarks.attention --seq-lens 8k,16k,32k,64k --json benchmarks/results/attention.json
+
+(The script sets ``--xla_force_host_platform_device_count=8`` itself when XLA_FLAGS is unset.)
+
+Each case jit-compiles ``grad(sum(attention(q, k, v) · do))`` w.r.t. q, k, v and reports:
+
+- ``temp MiB``: ``compiled.memory_analysis().temp_size_in_bytes`` of the per-device program
+  (a ``shard_map`` program is per device), i.e. scratch beyond arguments and outputs;
+- ``XLA GFLOP``: ``compiled.cost_analysis()["flops"]``, also per device program. XLA counts a
+  ``cond`` by its most expensive branch and a loop body by its static trip count, so it cannot
+  show skipped work and is identical for every ring position;
+- ``attn GFLOP/dev``: executed attention FLOPs per device, counted at run time. The kernels
+  report every executed q-chunk × kv-chunk block through `attention.instrument`; each costs
+  ``14·b·cq·ck·n·h`` FLOPs fwd+bwd (2 matmuls forward, 5 backward). The skip pattern depends
+  only on the chunk grid (S/chunk, ring size, layout), so the counting run uses the same grid
+  scaled down to 16-token chunks (cheap) and is checked against the full-size run at the
+  smallest S when ``--check-counts`` is given. ``max/min`` is over the ring positions;
+- ``wall s``: best of ``--repeats`` timed runs after a warm-up. On the emulated mesh all 8
+  "devices" share the box's cores, so wall time measures total work, not per-device latency.
+
+Cases: ``reference`` (dense, one device; run only where its temp memory fits ``--dense-limit-gib``),
+``blockwise`` (one device, at S and at S/8 for the memory target), ``ring-classic`` (contiguous
+layout, every hop and chunk pair computed and masked), ``ring-contiguous`` and ``ring-zigzag``
+(hops and chunk pairs hidden by the causal mask skipped).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from attention import instrument  # noqa: E402
+from attention.blockwise import blockwise_attention  # noqa: E402
+from attention.layout import layout_positions  # noqa: E402
+from attention.masks import make_mask  # noqa: E402
+from attention.reference import reference_attention  # noqa: E402
+from attention.ring import sharded_attention  # noqa: E402
+from sharding import MeshConfig, make_mesh  # noqa: E402
+
+RING_CASES = {
+    "ring-classic": ("contiguous", False),
+    "ring-contiguous": ("contiguous", True),
+    "ring-zigzag": ("zigzag", True),
+}
+COUNT_CHUNK = 16
+
+
+def _parse_lengths(text: str) -> list[int]:
+    return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(",") if x]
+
+
+def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
+    """``(q, k, v, do) -> (dq, dk, dv)`` for one case."""
+    b = args.batch
+
+    if kind == "reference":
+        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq))
+
+        def attend(q, k, v):
+            return reference_attention(q, k, v, make_mask(pos, pos, None, None, True), args.head_dim**-0.5)[0]
+    elif kind == "blockwise":
+
+        def attend(q, k, v):
+            return blockwise_attention(q, k, v, causal=True, chunk_size=chunk)[0]
+    else:
+        layout, skip = RING_CASES[kind]
+        pos = layout_positions(b, seq, mesh.shape["sequence"], layout)
+
+        def attend(q, k, v):
+            return sharded_attention(
+                q, k, v, mesh=mesh, q_positions=pos, kv_positions=pos, chunk_size=chunk, skip_future_hops=skip
+            )
+
+    def grads(q, k, v, do):
+        return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * do), argnums=(0, 1, 2))(q, k, v)
+
+    return grads
+
+
+def _inputs(args, seq: int, mesh):
+    rng = np.random.default_rng(0)
+    shapes = [(args.batch, seq, h, args.head_dim) for h in (args.heads, args.kv_heads, args.kv_heads, args.heads)]
+    arrays = [rng.standard_normal(s, np.float32) for s in shapes]
+    if mesh is None:
+        return [jax.device_put(a, jax.devices()[0]) for a in arrays]
+    return [jax.device_put(a, NamedSharding(mesh, P(None, "sequence"))) for a in arrays]
+
+
+def _count_blocks(kind: str, args, mesh, seq: int, chunk: int) -> list[int]:
+    """Executed fwd chunk blocks per ring position (the backward executes the same set)."""
+    with instrument.count_work() as counts:
+        fn = jax.jit(_grad_fn(kind, args, mesh, seq, chunk))
+        jax.block_until_ready(fn(*_inputs(args, seq, mesh)))
+        jax.effects_barrier()
+        ring = mesh.shape["sequence"] if mesh is not None else 1
+        return [counts.get(("chunk_fwd", r), 0) for r in range(ring)]
+
+
+def measure(kind: str, args, mesh, seq: int, chunk: int) -> dict:
+    devices = mesh.shape["sequence"] if mesh is not None else 1
+    local = seq // devices
+    row: dict = {"case": kind, "seq": seq, "devices": devices}
+    inputs = _inputs(args, seq, mesh)
+    t0 = time.perf_counter()
+    compiled = jax.jit(_grad_fn(kind, args, mesh, seq, chunk)).lower(*inputs).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    row["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    row["xla_flops"] = float(cost.get("flops", float("nan")))
+    # Executed attention blocks per device, from the same chunk grid at 16-token chunks.
+    if kind == "reference" or not args.run:
+        row["attn_flops_per_device"] = [row["xla_flops"]] if kind == "reference" else []
+        if not args.run:
+            return row  # dense: no loops or conds, XLA's count is exact
+    else:
+        cq = min(chunk, local // 2) if kind.startswith("ring") else min(chunk, seq)
+        scale = cq // COUNT_CHUNK if cq >= COUNT_CHUNK else 1
+        blocks = _count_blocks(kind, args, mesh, seq // scale, cq // scale)
+        per_block = 14 * args.batch * cq * cq * args.heads * args.head_dim
+        row["blocks_per_device"] = blocks
+        row["attn_flops_per_device"] = [b * per_block for b in blocks]
+    fits = kind != "reference" or row["temp_bytes"] <= args.dense_limit_gib * 2**30
+    if fits and seq <= args.time_up_to:
+        for _ in range(args.warmup):
+            jax.block_until_ready(compiled(*inputs))
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs))
+            times.append(time.perf_counter() - t0)
+        row["wall_s"] = min(times)
+    return row
+
+
+def _fmt_table(rows: list[dict]) -> str:
+    head = "| S | case | devices | temp MiB/dev | XLA GFLOP/dev | attn GFLOP/dev (max) | max/min | attn GFLOP total"
+    head += " | wall s |"
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        flops = r["attn_flops_per_device"] or [float("nan")]
+        ratio = f"{max(flops) / min(flops):.2f}" if min(flops) else "inf"
+        wall = f"{r['wall_s']:.2f}" if "wall_s" in r else "not run"
+        lines.append(
+            f"| {r['seq'] // 1024}K | {r['case']} | {r['devices']} | {r['temp_bytes'] / 2**20:,.1f} | "
+            f"{r['xla_flops'] / 1e9:,.1f} | {max(flops) / 1e9:,.1f} | {ratio} | {sum(flops) / 1e9:,.1f} | {wall} |"
+        )
+    return "\n".join(lines)
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    by = {(r["case"], r["seq"]): r for r in rows}
+    out = []
+    for seq in sorted({r["seq"] for r in rows}):
+        zig, classic, small = (
+            by.get(("ring-zigzag", seq)),
+            by.get(("ring-classic", seq)),
+            by.get(("blockwise at S/8", seq)),
+        )
+        if zig and small:
+            zt, st = zig["temp_bytes"], small["temp_bytes"]
+            out.append(
+                f"S={seq // 1024}K: ring-zigzag temp/dev {zt / 2**20:.1f} MiB = {zt / st:.2f} × "
+                f"blockwise at S/8 ({st / 2**20:.1f} MiB)"
+            )
+        if zig and classic and zig["attn_flops_per_device"] and classic["attn_flops_per_device"]:
+            zf, cf = zig["attn_flops_per_device"], classic["attn_flops_per_device"]
+            line = f"S={seq // 1024}K: zigzag max/min {max(zf) / min(zf):.3f}, total FLOPs "
+            line += f"{sum(zf) / sum(cf):.3f} × classic"
+            if "wall_s" in zig and "wall_s" in classic:
+                line += f", fwd+bwd {classic['wall_s'] / zig['wall_s']:.2f}× faster than classic"
+            out.append(line)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lens", default="8k,16k,32k", help="comma list, e.g. 8k,16k,32k,64k")
+    parser.add_argument("--cases", default="reference,blockwise,ring-classic,ring-contiguous,ring-zigzag")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation is separate)")
+    parser.add_argument("--time-up-to", default="64k", help="time only sequence lengths up to this")
+    parser.add_argument("--no-run", dest="run", action="store_false", help="compile only: memory and XLA FLOPs")
+    parser.add_argument("--dense-limit-gib", type=float, default=8.0, help="run the dense reference only below this")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    args.time_up_to = _parse_lengths(args.time_up_to)[0]
+    if jax.device_count() < 8:
+        raise SystemExit(
+            "benchmarks.attention needs 8 devices: set XLA_FLAGS=--xla_force_host_platform_device_count=8."
+        )
+    jax.config.update("jax_default_matmul_precision", "highest")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=8))
+    cases = args.cases.split(",")
+    rows = []
+    for seq in _parse_lengths(args.seq_lens):
+        for kind in cases:
+            if kind.startswith("ring"):
+                row = measure(kind, args, mesh, seq, args.chunk)
+            else:
+                row = measure(kind, args, None, seq, args.chunk)
+            rows.append(row)
+            print(_fmt_table([row]).splitlines()[-1], flush=True)
+        if "blockwise" in cases:
+            # Memory target: one device holding S/8 tokens with blockwise attention.
+            row = measure("blockwise", args, None, seq // 8, args.chunk)
+            row.update(case="blockwise at S/8", seq=seq)
+            rows.append(row)
+            print(_fmt_table([row]).splitlines()[-1], flush=True)
+    print()
+    print(
+        f"shapes: batch {args.batch}, {args.heads} query heads, {args.kv_heads} kv heads, head_dim {args.head_dim}, "
+        f"chunk {args.chunk}, fp32, causal, fwd+bwd; jax {jax.__version__} on {platform.machine()} "
+        f"({os.cpu_count()} cores, 8 emulated devices)"
+    )
+    print(_fmt_table(rows))
+    for line in _targets(rows):
+        print(line)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
