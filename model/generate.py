@@ -103,6 +103,9 @@ def generate(
     key = jax.random.key(0) if key is None else key
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}.")
+    if config.attention_impl == "ring":
+        # Decoding here runs unsharded (the cache path has no mesh); ring configs decode like "auto".
+        config = config.replace(attention_impl="auto")
     eos = np.full(max(_EOS_SLOTS, len(eos_ids)), -1, np.int32)
     eos[: len(eos_ids)] = eos_ids
     return _generate(

@@ -216,6 +216,10 @@ def test_generate_compiles_once_per_shape(llama3):
     assert _generate._cache_size() == sampling
     model.generate(cfg, params, prompt, NEW, eos_ids=(5,), pad_id=1)  # greedy with stop ids: no recompile
     assert _generate._cache_size() == sampling
+    # A ring-attention config decodes unsharded through the same program (it has no mesh here).
+    ring = model.generate(cfg.replace(attention_impl="ring"), params, prompt, NEW, eos_ids=())
+    np.testing.assert_array_equal(ring, model.generate(cfg, params, prompt, NEW, eos_ids=()))
+    assert _generate._cache_size() == sampling
 
 
 def test_generate_rejects_bad_arguments(llama3):
