@@ -12,7 +12,7 @@ identity branch of a ``lax.cond`` and costs no FLOPs. GQA is native: queries are
 as ``[b, t, k, g, h]`` so K/V are never repeated.
 
 Fresh loop carries are made ``varying`` over the same mesh axes as their inputs
-(`_vary_like`), which ``jax.shard_map(check_vma=True)`` needs when these loops run inside
+(`vary_like`), which ``jax.shard_map(check_vma=True)`` needs when these loops run inside
 the ring.
 """
 
@@ -53,7 +53,7 @@ class ChunkConfig:
     skip_masked: bool = True
 
 
-def _vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     """``x`` made varying over every mesh axis the ``refs`` vary over (a no-op value-wise).
 
     ``zeros_like`` keeps its argument's manual-axis type, so adding scalar zeros derived from
@@ -146,7 +146,7 @@ def flash_forward(
     q5 = q.reshape(b, t, kh, g, h)
     merge = out is not None
     if not merge:
-        out = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        out = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
         lse = jnp.full_like(out, -jnp.inf, shape=q.shape[:3])
 
     def q_step(i, carry):
@@ -154,7 +154,7 @@ def flash_forward(
         qi = lax.dynamic_slice_in_dim(q5, i * cq, cq, axis=1)  # [b, cq, k, g, h]
         qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
         qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
-        acc0 = _vary_like(jnp.zeros((b, kh, g, cq, h), jnp.float32), out, qi, k, v, qpi, kv_pos, qsi, kv_seg)
+        acc0 = vary_like(jnp.zeros((b, kh, g, cq, h), jnp.float32), out, qi, k, v, qpi, kv_pos, qsi, kv_seg)
         m0 = jnp.full_like(acc0, -jnp.inf, shape=(b, kh, g, cq))  # running row max
         l0 = jnp.zeros_like(m0)  # running softmax denominator
 
@@ -237,7 +237,7 @@ def flash_backward(
     lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, t, kh, g)
     delta4 = delta.reshape(b, t, kh, g)
     if dq is None:
-        dq = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
+        dq = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
     if dk is None:
         dk, dv = jnp.zeros_like(dq, shape=k.shape), jnp.zeros_like(dq, shape=v.shape)
 
@@ -250,7 +250,7 @@ def flash_backward(
         qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
         qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
         # This chunk's dq accumulates on top of what earlier calls (ring hops) left there.
-        dq0 = _vary_like(lax.dynamic_slice_in_dim(dq, i * cq, cq, axis=1).reshape(qi.shape), dk, dv, qi, doi)
+        dq0 = vary_like(lax.dynamic_slice_in_dim(dq, i * cq, cq, axis=1).reshape(qi.shape), dk, dv, qi, doi)
 
         def kv_step(j, inner):
             dqi, dk, dv = inner
@@ -276,7 +276,7 @@ def flash_backward(
                 return dqi, dk_j, dv_j
 
             def skip(dqi):
-                zeros = _vary_like(jnp.zeros(kj.shape, jnp.float32), dqi, kj, vj, kpj, ksj, lse_i, delta_i)
+                zeros = vary_like(jnp.zeros(kj.shape, jnp.float32), dqi, kj, vj, kpj, ksj, lse_i, delta_i)
                 return dqi, zeros, zeros
 
             # The cond carries only chunk-sized values; the full dK/dV stay in the loop carry.

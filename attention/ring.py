@@ -10,9 +10,9 @@ at hop i shard r holds the block that started on shard ``r − i``. Per hop:
   overlap communication with work;
 - a hop whose KV block is entirely hidden from the query block (causal future, disjoint
   documents; decided from the blocks' position/segment ranges) runs its chunk loops zero
-  times: skipped, not computed and masked. Inside a hop, chunk pairs are
-  skipped the same way (`attention.flash`), which is what balances the zigzag and striped
-  layouts (`attention.layout`);
+  times: skipped, not computed and masked. Inside a hop, chunk pairs are skipped the same
+  way (`attention.flash`), which is what balances the zigzag and striped layouts
+  (`attention.layout`);
 - the hop's result merges into the running one in fp32 by LSE (`attention.merge`), query
   chunk by query chunk, in place.
 
@@ -40,12 +40,12 @@ from attention import instrument
 from attention.api import AttentionError
 from attention.flash import (
     ChunkConfig,
-    _vary_like,
     block_is_masked,
     flash_backward,
     flash_forward,
     pad_keys,
     pad_queries,
+    vary_like,
 )
 from attention.masks import default_positions
 
@@ -162,7 +162,7 @@ def _ring(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 def _ring_forward(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     index = lax.axis_index(cfg.axis_name)
-    out0 = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    out0 = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     lse0 = jnp.full_like(out0, -jnp.inf, shape=q.shape[:3])
 
     def hop(block, acc, _):
@@ -187,7 +187,7 @@ def _ring_bwd(cfg, res, cts):
     index = lax.axis_index(cfg.axis_name)
     # Global output and LSE: p = exp(s - lse) are the final probabilities on every hop.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
-    dq0 = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, delta)
+    dq0 = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, delta)
     dkv0 = (jnp.zeros_like(dq0, shape=k.shape), jnp.zeros_like(dq0, shape=v.shape))
 
     def hop(block, dq, dkv):
