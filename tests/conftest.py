@@ -19,6 +19,13 @@ import jax  # noqa: E402
 # Tolerances in the tests are fp32 ones; XLA's CPU default may use lower-precision dots.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+try:  # torch's intra-op threads fight XLA for the CI box's two cores on tiny reference models
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # torch is only in the test extra
+    pass
+
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
