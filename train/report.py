@@ -149,10 +149,32 @@ class Reporter:
         if lengths:
             by_stage = {n: s["passkey"]["aggregates"] for n, s in stages.items() if "passkey" in s}
             lines += ["", passkey_table(by_stage, lengths)]
+            lines += _extension_verdict(stages)
         if "hf_export" in self.data:
             lines.append(f"\nHugging Face export: {self.data['hf_export']}")
         lines.append(f"wall time {self.data['wall_seconds']:.0f} s; report: {self.path}")
         return "\n".join(lines)
+
+
+def _extension_verdict(stages: dict) -> list[str]:
+    """Did the last stage learn to retrieve at its own length where the first stage could not?"""
+    named = [(n, s) for n, s in stages.items() if "passkey" in s]
+    if len(named) < 2:
+        return []
+    (first, s0), (last, s1) = named[0], named[-1]
+    key = str(s1["seq_len"])
+    if key not in s0["passkey"]["accuracy"] or key not in s1["passkey"]["accuracy"]:
+        return []
+    a0, a1 = s0["passkey"]["accuracy"][key], s1["passkey"]["accuracy"][key]
+    met = a1 >= RETRIEVAL_TARGET and a0 < RETRIEVAL_TARGET
+    return [
+        f"\npasskey at {key} tokens: {first} {a0:.0%} → {last} {a1:.0%} "
+        f"(target: ≥ {RETRIEVAL_TARGET:.0%} after extension where the first stage is below it: "
+        f"{'met' if met else 'NOT met'})"
+    ]
+
+
+RETRIEVAL_TARGET = 0.9
 
 
 def _fits(length: int, seq: int, layout: str) -> bool:

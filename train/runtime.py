@@ -33,7 +33,7 @@ def device_memory_bytes(cfg: TrainConfig) -> tuple[int | None, str]:
     return None, "the device reports no memory limit (CPU); set device_memory_gb to check"
 
 
-def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print) -> list[dict]:
+def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print, num_devices: int | None = None) -> list[dict]:
     """Plan every stage's per-device memory; raise `ConfigError` if one will not fit (unless allowed).
 
     Returns one row per stage with the planner's total and the limit (for the report).
@@ -44,12 +44,13 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print) -> list[di
         say("memory planner not available (sharding.plan_memory): skipping the fit check")
         return []
     limit, source = device_memory_bytes(cfg)
+    num_devices = jax.device_count() if num_devices is None else num_devices
     rows = []
     for plan in plans:
         remat = plan.model.remat_policy
         report = plan_memory(plan.model, seq_len=plan.stage.seq_len, batch=plan.stage.batch_size, mesh=plan.mesh,
-                             remat=remat, num_devices=jax.device_count())  # fmt: skip
-        total = _total_bytes(report)
+                             remat=remat, loss_chunk=cfg.loss_chunk, num_devices=num_devices)  # fmt: skip
+        total = int(report.total)
         rows.append({"stage": plan.name, "per_device_bytes": total, "limit_bytes": limit})
         text = f"{plan.name}: planner estimates {total / GIB:.2f} GiB per device"
         if limit is None:
@@ -66,18 +67,10 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print) -> list[di
     return rows
 
 
-def _total_bytes(report) -> int:
-    for name in ("total_bytes", "total"):
-        value = report.get(name) if isinstance(report, dict) else getattr(report, name, None)
-        if value is not None:
-            return int(value)
-    raise TypeError(f"cannot read a total from the planner's report {report!r}")
-
-
 def _breakdown(report) -> str:
-    items = report.items() if isinstance(report, dict) else vars(report).items()
-    parts = [f"{k} {v / GIB:.2f} GiB" for k, v in items if isinstance(v, (int, float)) and "total" not in k and v > 0]
-    return ", ".join(parts)
+    """The planner's non-zero categories, e.g. ``parameters 1.00 GiB, optimizer state 2.00 GiB``."""
+    parts = [(label, getattr(report, name)) for name, label in report.ROWS]
+    return ", ".join(f"{label} {v / GIB:.2f} GiB" for label, v in parts if v > 0)
 
 
 def init_from_model(path: str, plan: StagePlan, mesh: Mesh, say=print):
