@@ -8,16 +8,17 @@ Each case jit-compiles ``grad(sum(attention(q, k, v) · do))`` w.r.t. q, k, v an
 
 - ``temp MiB``: ``compiled.memory_analysis().temp_size_in_bytes`` of the per-device program
   (a ``shard_map`` program is per device), i.e. scratch beyond arguments and outputs;
-- ``XLA GFLOP``: ``compiled.cost_analysis()["flops"]``, also per device program. XLA counts a
-  ``cond`` by its most expensive branch and a loop body by its static trip count, so it cannot
-  show skipped work and is identical for every ring position;
+- ``XLA GFLOP``: ``compiled.cost_analysis()["flops"]``, also per device program. XLA's CPU cost
+  analysis counts a loop body once (about one chunk pair here) and a ``cond`` by a branch, so it
+  cannot show skipped work and is identical for every ring position; exact only for ``reference``;
 - ``attn GFLOP/dev``: executed attention FLOPs per device, counted at run time. The kernels
   report every executed q-chunk × kv-chunk block through `attention.instrument`; each costs
   ``14·b·cq·ck·n·h`` FLOPs fwd+bwd (2 matmuls forward, 5 backward). The skip pattern depends
   only on the chunk grid (S/chunk, ring size, layout), so the counting run uses the same grid
-  scaled down to 16-token chunks (cheap) and is checked against the full-size run at the
-  smallest S when ``--check-counts`` is given. ``max/min`` is over the ring positions;
-- ``wall s``: best of ``--repeats`` timed runs after a warm-up. On the emulated mesh all 8
+  scaled down to 16-token chunks (cheap); ``--check-counts`` also counts at full size for the
+  smallest S and fails if the two disagree. ``max/min`` is over the ring positions;
+- ``wall s``: best of ``--repeats`` timed runs after ``--warmup`` untimed ones, the cases of one S
+  interleaved so that load from other jobs affects them alike. On the emulated mesh all 8
   "devices" share the box's cores, so wall time measures total work, not per-device latency.
 
 Cases: ``reference`` (dense, one device; run only where its temp memory fits ``--dense-limit-gib``),
@@ -35,6 +36,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -46,7 +48,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from attention import instrument  # noqa: E402
 from attention.blockwise import blockwise_attention  # noqa: E402
 from attention.layout import layout_positions  # noqa: E402
-from attention.masks import make_mask  # noqa: E402
+from attention.masks import default_positions, make_mask  # noqa: E402
 from attention.reference import reference_attention  # noqa: E402
 from attention.ring import sharded_attention  # noqa: E402
 from sharding import MeshConfig, make_mesh  # noqa: E402
@@ -68,9 +70,9 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
     b = args.batch
 
     if kind == "reference":
-        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq))
 
         def attend(q, k, v):
+            pos = default_positions(b, seq)  # traced iota: no [S, S] mask constant in the program
             return reference_attention(q, k, v, make_mask(pos, pos, None, None, True), args.head_dim**-0.5)[0]
     elif kind == "blockwise":
 
@@ -110,10 +112,11 @@ def _count_blocks(kind: str, args, mesh, seq: int, chunk: int) -> list[int]:
         return [counts.get(("chunk_fwd", r), 0) for r in range(ring)]
 
 
-def measure(kind: str, args, mesh, seq: int, chunk: int) -> dict:
+def measure(kind: str, args, mesh, seq: int, chunk: int) -> tuple[dict, object, list]:
+    """Compile one case; memory, XLA cost and executed blocks. Returns ``(row, compiled, inputs)``."""
     devices = mesh.shape["sequence"] if mesh is not None else 1
     local = seq // devices
-    row: dict = {"case": kind, "seq": seq, "devices": devices}
+    row: dict = {"case": kind, "seq": seq, "devices": devices, "attn_flops_per_device": []}
     inputs = _inputs(args, seq, mesh)
     t0 = time.perf_counter()
     compiled = jax.jit(_grad_fn(kind, args, mesh, seq, chunk)).lower(*inputs).compile()
@@ -122,29 +125,40 @@ def measure(kind: str, args, mesh, seq: int, chunk: int) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     row["xla_flops"] = float(cost.get("flops", float("nan")))
-    # Executed attention blocks per device, from the same chunk grid at 16-token chunks.
-    if kind == "reference" or not args.run:
-        row["attn_flops_per_device"] = [row["xla_flops"]] if kind == "reference" else []
-        if not args.run:
-            return row  # dense: no loops or conds, XLA's count is exact
-    else:
+    if kind == "reference":
+        row["attn_flops_per_device"] = [row["xla_flops"]]  # dense: no loops or conds, XLA's count is exact
+    elif args.run:
+        # Executed attention blocks per device, from the same chunk grid at 16-token chunks.
         cq = min(chunk, local // 2) if kind.startswith("ring") else min(chunk, seq)
         scale = cq // COUNT_CHUNK if cq >= COUNT_CHUNK else 1
         blocks = _count_blocks(kind, args, mesh, seq // scale, cq // scale)
+        if args.check_counts and seq == min(_parse_lengths(args.seq_lens)):
+            full = _count_blocks(kind, args, mesh, seq, chunk)
+            if full != blocks:
+                raise SystemExit(f"{kind} at {seq}: scaled block counts {blocks} != full-size counts {full}")
         per_block = 14 * args.batch * cq * cq * args.heads * args.head_dim
         row["blocks_per_device"] = blocks
         row["attn_flops_per_device"] = [b * per_block for b in blocks]
-    fits = kind != "reference" or row["temp_bytes"] <= args.dense_limit_gib * 2**30
-    if fits and seq <= args.time_up_to:
-        for _ in range(args.warmup):
+    return row, compiled, inputs
+
+
+def time_cases(prepared: list, args) -> None:
+    """Best-of-``repeats`` wall time per case, cases interleaved so load drift hits all alike."""
+    runnable = [
+        (row, compiled, inputs)
+        for row, compiled, inputs in prepared
+        if args.run
+        and row["seq"] <= args.time_up_to
+        and (row["case"] != "reference" or row["temp_bytes"] <= args.dense_limit_gib * 2**30)
+    ]
+    for _ in range(args.warmup):
+        for _, compiled, inputs in runnable:
             jax.block_until_ready(compiled(*inputs))
-        times = []
-        for _ in range(args.repeats):
+    for _ in range(args.repeats):
+        for row, compiled, inputs in runnable:
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*inputs))
-            times.append(time.perf_counter() - t0)
-        row["wall_s"] = min(times)
-    return row
+            row["wall_s"] = min(row.get("wall_s", float("inf")), time.perf_counter() - t0)
 
 
 def _fmt_table(rows: list[dict]) -> str:
@@ -200,6 +214,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation is separate)")
     parser.add_argument("--time-up-to", default="64k", help="time only sequence lengths up to this")
     parser.add_argument("--no-run", dest="run", action="store_false", help="compile only: memory and XLA FLOPs")
+    parser.add_argument("--check-counts", action="store_true", help="verify scaled block counts at full size")
     parser.add_argument("--dense-limit-gib", type=float, default=8.0, help="run the dense reference only below this")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -213,19 +228,18 @@ def main(argv=None) -> None:
     cases = args.cases.split(",")
     rows = []
     for seq in _parse_lengths(args.seq_lens):
+        prepared = []
         for kind in cases:
-            if kind.startswith("ring"):
-                row = measure(kind, args, mesh, seq, args.chunk)
-            else:
-                row = measure(kind, args, None, seq, args.chunk)
-            rows.append(row)
-            print(_fmt_table([row]).splitlines()[-1], flush=True)
+            prepared.append(measure(kind, args, mesh if kind.startswith("ring") else None, seq, args.chunk))
         if "blockwise" in cases:
             # Memory target: one device holding S/8 tokens with blockwise attention.
-            row = measure("blockwise", args, None, seq // 8, args.chunk)
-            row.update(case="blockwise at S/8", seq=seq)
-            rows.append(row)
-            print(_fmt_table([row]).splitlines()[-1], flush=True)
+            prepared.append(measure("blockwise", args, None, seq // 8, args.chunk))
+            prepared[-1][0].update(case="blockwise at S/8", seq=seq)
+        time_cases(prepared, args)
+        rows += [row for row, _, _ in prepared]
+        del prepared
+        print(_fmt_table([r for r in rows if r["seq"] == seq]), flush=True)
+        _write_json(args, rows)
     print()
     print(
         f"shapes: batch {args.batch}, {args.heads} query heads, {args.kv_heads} kv heads, head_dim {args.head_dim}, "
@@ -235,12 +249,17 @@ def main(argv=None) -> None:
     print(_fmt_table(rows))
     for line in _targets(rows):
         print(line)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+    _write_json(args, rows)
+
+
+def _write_json(args, rows: list[dict]) -> None:
+    if not args.json:
+        return
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"command": "python -m benchmarks.attention " + " ".join(sys.argv[1:]), "rows": rows}, f, indent=1)
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":
