@@ -89,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.allow_oversize:
             overrides.append("allow_oversize=true")
         cfg = load_config(args.config, overrides)
-        result = run(cfg, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from, stop_after=args.stop_after)
+        result = run(
+            cfg, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from, stop_after=args.stop_after
+        )
     except bad_input as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
