@@ -33,6 +33,7 @@ from train.loss import chunked_cross_entropy
 from train.metrics import DEVICE_PEAK_TFLOPS, MetricsLogger, device_peak_tflops, mfu, plot_run, read_metrics
 from train.optim import OptimConfig, make_optimizer, make_schedule
 from train.packing import pack_documents, unpack_documents
+from train.pose import PoseConfig, apply_pose, draw_pose_positions, pose_batch
 from train.report import RunResult
 from train.state import TrainState, abstract_state, init_state, state_shardings
 from train.step import make_eval_step, make_train_step
@@ -51,6 +52,7 @@ __all__ = [
     "MetricsLogger",
     "NonFiniteError",
     "OptimConfig",
+    "PoseConfig",
     "RunResult",
     "SourceConfig",
     "StageConfig",
@@ -58,10 +60,12 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "abstract_state",
+    "apply_pose",
     "check_finite",
     "chunked_cross_entropy",
     "config_help",
     "device_peak_tflops",
+    "draw_pose_positions",
     "dump_config",
     "flops_per_token",
     "heldout_batches",
@@ -77,6 +81,7 @@ __all__ = [
     "model_config",
     "pack_documents",
     "plot_run",
+    "pose_batch",
     "read_metrics",
     "run",
     "state_shardings",

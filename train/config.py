@@ -28,6 +28,7 @@ from model.rope import theta_for_length
 from sharding.mesh import MeshConfig, MeshError
 from train.data_config import DataConfig
 from train.optim import OptimConfig
+from train.pose import PoseConfig, check_pose
 from train.typed import apply_override, build, coerce, doc, to_dict
 
 LAYOUTS = ("auto", "contiguous", "zigzag", "striped")
@@ -56,6 +57,11 @@ class StageConfig:
     data: dict = doc("DataConfig fields overridden in this stage, e.g. a different sources mix", factory=dict)
     mesh: MeshConfig | None = doc("mesh for this stage (default: the top-level mesh)", None)
     carry_optimizer_state: bool = doc("keep Adam's moments from the previous stage (else start them at zero)", True)
+    pose: PoseConfig | None = doc(
+        "PoSE: train at seq_len with position ids spanning target_length, e.g. {target_length: 4096, chunks: 2}; "
+        "θ rules and max positions then use target_length",
+        None,
+    )
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,12 @@ def stage_theta(stage: StageConfig, prev_theta: float, prev_len: int, head_dim: 
     if stage.theta_rule not in THETA_RULES:
         raise ConfigError(f"{where}.theta_rule {stage.theta_rule!r} is unknown: use one of {', '.join(THETA_RULES)}.")
     # Both rules are power laws in the length, so chaining stage by stage equals one jump from the base.
-    return theta_for_length(stage.seq_len, prev_theta, prev_len, head_dim, rule=stage.theta_rule)
+    return theta_for_length(stage_length(stage), prev_theta, prev_len, head_dim, rule=stage.theta_rule)
+
+
+def stage_length(stage: StageConfig) -> int:
+    """The length a stage's positions span: ``pose.target_length`` under PoSE, else ``seq_len``."""
+    return stage.pose.target_length if stage.pose is not None else stage.seq_len
 
 
 def validate(
@@ -300,10 +311,12 @@ def validate(
                 raise ConfigError(
                     f"{where}.{field_name} must be {'≥ 0' if field_name == 'steps' else '≥ 1'}, got {value}."
                 )
+        if stage.pose is not None:
+            check_pose(stage.pose, stage.seq_len, f"{where}.pose")
         theta = stage_theta(stage, prev_theta, prev_len, model.head_dim, where)
-        max_pos = stage.max_position_embeddings or max(stage.seq_len, model.max_position_embeddings)
+        max_pos = stage.max_position_embeddings or max(stage_length(stage), model.max_position_embeddings)
         model = model.replace(rope=dict(theta=theta), max_position_embeddings=int(max_pos))
-        prev_theta, prev_len = theta, stage.seq_len
+        prev_theta, prev_len = theta, stage_length(stage)
 
         mesh_cfg = stage.mesh or cfg.mesh
         try:

@@ -191,6 +191,7 @@ def _train_stage(
         num_shards=dict(mesh.shape)["sequence"],
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        pose=stage.pose,
     )
     if resume_data is not None:
         it.restore(resume_data)
@@ -282,8 +283,9 @@ def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, dat
 def _stage_banner(plan: StagePlan) -> str:
     s, m = plan.stage, plan.model
     mesh = ",".join(f"{a}={n}" for a, n in zip(("data", "fsdp", "tensor", "sequence"), plan.mesh_shape, strict=True))
+    pose = f" (PoSE: positions span {s.pose.target_length}, {s.pose.chunks} chunks)" if s.pose else ""
     return (
-        f"== {plan.name}: seq_len {s.seq_len}, θ {m.rope.theta:.4g}, max positions {m.max_position_embeddings}, "
+        f"== {plan.name}: seq_len {s.seq_len}{pose}, θ {m.rope.theta:.4g}, max positions {m.max_position_embeddings}, "
         f"{s.steps} steps × batch {s.batch_size}, lr {plan.optim.lr:g}, mesh {mesh}, layout {plan.layout}"
     )
 

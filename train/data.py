@@ -14,6 +14,8 @@ How a batch is made:
    `train.synthetic_source`).
 3. **Packing** (`train.packing`): ``batch_size`` rows are filled one after another from the
    stream; a long document continues into the next row (positions continuing).
+   With a stage's ``pose`` option (`train.pose`) the positions of the global batch are then
+   redrawn PoSE-style from ``(seed, batch index)``.
 4. **Hosts.** Every process builds the same global batch and keeps rows
    ``[p·B/P, (p+1)·B/P)``, so the global batch — and the loss — does not depend on the number
    of processes, and a saved state restores under any process count. (Each host tokenizes
@@ -37,6 +39,7 @@ import numpy as np
 
 from train.data_config import DataConfig, DataError
 from train.packing import BATCH_FIELDS, Cursor, Doc, empty_rows, fill_row
+from train.pose import PoseConfig, check_pose, pose_batch, pose_rng
 from train.sources import SPLIT_TAGS, build_source
 
 Batch = dict[str, np.ndarray]
@@ -86,6 +89,7 @@ class DataIterator:
         process_count: int = 1,
         tokenizer=None,
         split: str = "train",
+        pose: PoseConfig | None = None,
     ):
         from attention.layout import check_layout
 
@@ -103,6 +107,8 @@ class DataIterator:
         if split not in SPLIT_TAGS:
             raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLIT_TAGS)}.")
         check_layout(seq_len, num_shards, layout)
+        if pose is not None:
+            check_pose(pose, seq_len)
         if tokenizer is None:
             from train.tokenizer import load_tokenizer
 
@@ -110,6 +116,7 @@ class DataIterator:
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.layout, self.num_shards = layout, int(num_shards)
+        self.pose = pose
         rows = batch_size // process_count
         self.rows = slice(process_index * rows, (process_index + 1) * rows)
         sources = [build_source(s, i, cfg, tokenizer, seed, split, seq_len) for i, s in enumerate(cfg.sources)]
@@ -133,6 +140,8 @@ class DataIterator:
             out["tokens"][out["segment_ids"] == 0] = self.tokenizer.pad_id
         if self.split == "heldout":  # perplexity counts every token once: no answer weighting
             out["loss_mask"] = (out["loss_mask"] > 0).astype(np.float32)
+        if self.pose is not None:  # drawn on the global batch by batch index: same under resume and any slicing
+            out = pose_batch(out, self.pose, pose_rng(self.seed, self.batches))
         self.batches += 1
         local = {k: out[k][self.rows] for k in BATCH_FIELDS}
         if self.layout != "contiguous" and self.num_shards > 1:
@@ -194,6 +203,7 @@ def make_iterator(
     process_count: int = 1,
     tokenizer=None,
     prefetch: int = 0,
+    pose: PoseConfig | None = None,
 ) -> DataIterator:
     """The training iterator: ``next(it)`` is this process's rows of the global batch.
 
@@ -208,6 +218,7 @@ def make_iterator(
         tokenizer: an already-loaded tokenizer (default: ``load_tokenizer(data_cfg.tokenizer)``).
         prefetch: make this many batches ahead in a background thread (`train.prefetch.Prefetcher`;
             same batches, same ``state()`` semantics); 0 = in the caller's thread.
+        pose: PoSE positions spanning ``pose.target_length`` on rows of ``seq_len`` (`train.pose`); None: off.
 
     Returns:
         A `DataIterator` (or its `Prefetcher`) yielding dicts of ``[B/P, t]`` arrays: int32 ``tokens``, ``targets``,
@@ -223,6 +234,7 @@ def make_iterator(
         process_index=process_index,
         process_count=process_count,
         tokenizer=tokenizer,
+        pose=pose,
     )
     if prefetch:
         from train.prefetch import Prefetcher
