@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from attention import attention
 from model import layers as L
+from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.rope import rope_cos_sin, rotate
 
@@ -65,17 +66,21 @@ class Attention(nn.Module):
     config: LlamaConfig
     mesh: Any = None
     return_kv: bool = False
+    lora: Any = None  # model.lora.LoraConfig: adapters on its targets
 
     @nn.compact
     def __call__(self, x_btd, ctx, layer_cache):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_w = _scoped_param(self, "q_proj", (d, n, h), ("embed", "heads", "head_dim"))
-        k_w = _scoped_param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        v_w = _scoped_param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        o_w = _scoped_param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"))
+        q_w, q_ad = _adapted_param(self, "q_proj", (d, n, h), ("embed", "heads", "head_dim"), 1)
+        k_w, k_ad = _adapted_param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        v_w, v_ad = _adapted_param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        o_w, o_ad = _adapted_param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"), 2)
         q, k_new, v_new = L.project_qkv(x_btd, q_w.astype(dt), k_w.astype(dt), v_w.astype(dt))
+        q = lora_lib.add_delta(q, x_btd, q_ad, self.lora)
+        k_new = lora_lib.add_delta(k_new, x_btd, k_ad, self.lora)
+        v_new = lora_lib.add_delta(v_new, x_btd, v_ad, self.lora)
         q = rotate(q, ctx["cos"], ctx["sin"])
         k_new = rotate(k_new, ctx["cos"], ctx["sin"])
         if layer_cache is None:
@@ -103,7 +108,7 @@ class Attention(nn.Module):
             mesh=self.mesh if layer_cache is None else None,
             chunk_size=cfg.attention_chunk,
         )
-        return L.project_out(out, o_w.astype(dt)), new_cache
+        return lora_lib.add_delta(L.project_out(out, o_w.astype(dt)), out, o_ad, self.lora), new_cache
 
 
 def _scoped_param(module: nn.Module, name: str, shape, names) -> jax.Array:
@@ -111,14 +116,27 @@ def _scoped_param(module: nn.Module, name: str, shape, names) -> jax.Array:
     return _Kernel(module.config, shape, names, name=name)()
 
 
+def _adapted_param(module: nn.Module, name: str, shape, names, n_in: int):
+    """``(kernel, (lora_a, lora_b) or None)``: the factors exist when ``module.lora`` targets ``name``."""
+    cfg = module.lora
+    if cfg is None or name not in cfg.modules:
+        return _scoped_param(module, name, shape, names), None
+    return _Kernel(module.config, shape, names, adapter=(cfg.rank, n_in), name=name)()
+
+
 class _Kernel(nn.Module):
     config: LlamaConfig
     shape: tuple[int, ...]
     names: tuple[str, ...]
+    adapter: tuple[int, int] | None = None  # (rank, input dims): also declare LoRA factors beside the kernel
 
     @nn.compact
-    def __call__(self) -> jax.Array:
-        return _param(self, "kernel", self.shape, self.names)
+    def __call__(self):
+        kernel = _param(self, "kernel", self.shape, self.names)
+        if self.adapter is None:
+            return kernel
+        rank, n_in = self.adapter
+        return kernel, lora_lib.create_factors(self, self.shape, self.names, n_in, rank, self.config.param_dtype)
 
 
 class _Embedding(nn.Module):
@@ -141,16 +159,23 @@ class _Scale(nn.Module):
 
 class Mlp(nn.Module):
     config: LlamaConfig
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_btd):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         d, f = cfg.hidden_size, cfg.intermediate_size
-        gate = _scoped_param(self, "gate_proj", (d, f), ("embed", "mlp"))
-        up = _scoped_param(self, "up_proj", (d, f), ("embed", "mlp"))
-        down = _scoped_param(self, "down_proj", (f, d), ("mlp", "embed"))
-        return L.swiglu_mlp(x_btd, gate.astype(dt), up.astype(dt), down.astype(dt))
+        gate, g_ad = _adapted_param(self, "gate_proj", (d, f), ("embed", "mlp"), 1)
+        up, u_ad = _adapted_param(self, "up_proj", (d, f), ("embed", "mlp"), 1)
+        down, d_ad = _adapted_param(self, "down_proj", (f, d), ("mlp", "embed"), 1)
+        if g_ad is None and u_ad is None and d_ad is None:
+            return L.swiglu_mlp(x_btd, gate.astype(dt), up.astype(dt), down.astype(dt))
+        add = lambda y, x, ad: lora_lib.add_delta(y, x, ad, self.lora)
+        gate_btf = add(jnp.einsum("btd,df->btf", x_btd, gate.astype(dt)), x_btd, g_ad)  # [b, t, f]
+        up_btf = add(jnp.einsum("btd,df->btf", x_btd, up.astype(dt)), x_btd, u_ad)  # [b, t, f]
+        hidden_btf = jax.nn.silu(gate_btf) * up_btf
+        return add(jnp.einsum("btf,fd->btd", hidden_btf, down.astype(dt)), hidden_btf, d_ad)  # [b, t, d]
 
 
 class DecoderLayer(nn.Module):
@@ -162,6 +187,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     mesh: Any = None
     return_kv: bool = False
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_btd, layer_cache, ctx=None):
@@ -172,11 +198,11 @@ class DecoderLayer(nn.Module):
             # inputs are part known, part unknown. Attention (positions known, q/k/v not) would then
             # be differentiated through its chunk loops, saving every chunk's probabilities: O(t²).
             x_btd, ctx = x_btd
-        attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, name="attn")(
+        attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, self.lora, name="attn")(
             _Scale(self.config, name="input_norm")(x_btd), ctx, layer_cache
         )
         x_btd = x_btd + attn_out
-        x_btd = x_btd + Mlp(self.config, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
+        x_btd = x_btd + Mlp(self.config, self.lora, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
         if layer_cache is None:
             x_btd = _constrain(x_btd, ("batch", "length", "embed"), self.mesh)
         return ((x_btd, ctx) if carried else x_btd), new_cache
@@ -190,10 +216,12 @@ class Llama(nn.Module):
     instead (the training loss applies the head in chunks); with ``cache=`` a
     ``(logits, new_cache)`` pair. ``mesh`` is needed only for ring attention. With
     ``return_kv=True`` (and no cache) a ``(logits, {"k", "v"})`` pair, K/V ``[layers, b, t, k, h]``.
+    ``lora`` (a `model.lora.LoraConfig`): LoRA factors beside its target kernels in the params.
     """
 
     config: LlamaConfig
     mesh: Any = None
+    lora: Any = None
 
     @nn.compact
     def __call__(
@@ -231,13 +259,13 @@ class Llama(nn.Module):
                 in_axes=0,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.mesh, return_kv, name="layers")
+            )(cfg, self.mesh, return_kv, self.lora, name="layers")
             (x, _), new_layer_caches = stack((x, ctx), layer_caches)  # ctx in the carry: see DecoderLayer
         else:
             new = []
             for i in range(cfg.num_layers):
                 one = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-                x, c = layer_cls(cfg, self.mesh, return_kv, name=f"layers_{i}")(x, one, ctx)
+                x, c = layer_cls(cfg, self.mesh, return_kv, self.lora, name=f"layers_{i}")(x, one, ctx)
                 new.append(c)
             new_layer_caches = None if new[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
         x = _Scale(cfg, name="norm")(x)

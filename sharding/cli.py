@@ -50,7 +50,34 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"), help="compute")
     plan.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     plan.add_argument("--device-memory", help="memory per device, e.g. 80GB / 80GiB / 96e9 bytes")
+    plan.add_argument("--lora-rank", type=int, help="plan LoRA training with this rank (default: full fine-tune)")
+    plan.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (no memory effect), default 16")
+    plan.add_argument(
+        "--lora-targets", default="q,k,v,o", help="adapted kernels, from q,k,v,o,gate,up,down (default q,k,v,o)"
+    )
+    plan.add_argument(
+        "--lora-frozen",
+        default="embeddings,norms",
+        help="LongLoRA trains embeddings and norms too; 'none' freezes them (default: embeddings,norms trained)",
+    )
+    plan.add_argument("--lora-base-dtype", choices=("float32", "bfloat16", "float16"), help="frozen base dtype")
     return p
+
+
+def _lora_config(args):
+    if args.lora_rank is None:
+        return None
+    from model.lora import LoraConfig
+
+    trained = {x.strip() for x in args.lora_frozen.split(",") if x.strip() and x.strip() != "none"}
+    return LoraConfig(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        train_embeddings="embeddings" in trained,
+        train_norms="norms" in trained,
+        base_dtype=args.lora_base_dtype,
+    )
 
 
 def _load_config(args):
@@ -88,6 +115,7 @@ def run_plan(args) -> int:
             attention=args.attention,
             loss_chunk=args.loss_chunk or None,
             num_devices=args.devices,
+            lora=_lora_config(args),
         )
     except (UsageError, MeshError, PlanError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

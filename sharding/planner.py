@@ -19,6 +19,10 @@ table that shards the real arrays (`sharding.rules`), so the plan follows the me
   also the K/V block in flight and the fp32 dK/dV travelling with it in the backward;
 - **logits / loss**: fp32 logits of one loss chunk (the train loss is chunked over positions),
   with their softmax and its gradient.
+- **LoRA** (``lora=``): the frozen base in ``lora.base_dtype``; gradients and AdamW moments only for
+  the trainable leaves (adapters, plus embeddings/norms if trained); a layer's backward gathers the
+  adapters with the base and produces only the trainable leaves' weight gradients; each adapted
+  kernel saves its rank-r ``x·A`` per token.
 
 The plan is checked against XLA's compiled ``memory_analysis()`` in ``tests/test_planner.py``.
 """
@@ -147,6 +151,32 @@ def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
     return local, layer, head
 
 
+def _lora_counts(config, sizes: dict[str, int], lora) -> tuple[int, int, int, int]:
+    """(trainable local, frozen local, one layer's trainable gathered, one layer's adapters gathered) elements."""
+    import jax
+
+    from model.lora import is_trainable
+    from model.params import abstract_params, logical_axes  # lazy: keeps `import sharding` light
+
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
+    names = jax.tree_util.tree_flatten_with_path(logical_axes(config, lora), is_leaf=is_names)[0]
+    shapes = [x.value.shape for x in jax.tree.leaves(abstract_params(config, lora), is_leaf=_boxed)]
+    no_fsdp = dict(sizes, fsdp=1)
+    trainable = frozen = layer_trainable = layer_adapters = 0
+    for (path, n), shape in zip(names, shapes, strict=True):
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        count = math.prod(local_shape(n, shape, PARAM_RULES, sizes))
+        gathered = math.prod(local_shape(n, shape, PARAM_RULES, no_fsdp))
+        per_layer = gathered // config.num_layers if keys[0] == "layers" else (gathered if keys[0] == "layers_0" else 0)
+        if is_trainable(keys, lora):
+            trainable += count
+            layer_trainable += per_layer
+            layer_adapters += per_layer if keys[-1] in ("lora_a", "lora_b") else 0
+        else:
+            frozen += count
+    return trainable, frozen, layer_trainable, layer_adapters
+
+
 def _boxed(x) -> bool:
     return hasattr(x, "names") and hasattr(x, "value")
 
@@ -172,6 +202,7 @@ def plan_memory(
     loss_chunk: int | None = 1024,
     moment_bytes: int = 4,
     num_devices: int | None = None,
+    lora=None,
 ) -> MemoryPlan:
     """Per-device memory of one AdamW training step.
 
@@ -185,6 +216,7 @@ def plan_memory(
             full ``[b, t, v]`` logits.
         moment_bytes: bytes per AdamW moment element (4: fp32).
         num_devices: resolves a ``-1`` axis of a `MeshConfig`.
+        lora: a `model.lora.LoraConfig`: plan LoRA training (frozen base, trainable adapters).
     """
     remat = config.remat_policy if remat is None else remat
     if remat not in REMATS:
@@ -219,6 +251,19 @@ def plan_memory(
     params = local * W
     grads = local * W
     optimizer = 2 * local * moment_bytes
+    layer_grads = layer_gathered  # one layer's weight gradients (elements) before the reduce-scatter
+    lora_saved = 0
+    if lora is not None:
+        trainable, frozen, layer_grads, layer_adapters = _lora_counts(config, sizes, lora)
+        params = trainable * W + frozen * _BYTES[lora.base_dtype or config.param_dtype]
+        grads = trainable * W
+        optimizer = 2 * trainable * moment_bytes
+        layer_gathered += layer_adapters
+        lora_saved = tokens * A * lora.rank * len(lora.targets)  # x·A of each adapted kernel, per layer
+        notes.append(
+            f"LoRA rank {lora.rank} on {','.join(lora.targets)}: {trainable / 1e6:.1f}M trainable elements "
+            f"per device (of {(trainable + frozen) / 1e6:.1f}M)."
+        )
 
     # Per token, one layer: everything the backward reads when nothing is recomputed.
     full_layer = A * (4 * d + 2 * n * h + 2 * k * h + 3 * f) + 4 * n  # + fp32 LSE
@@ -230,6 +275,7 @@ def plan_memory(
         "dots": tokens * A * (3 * d + n * h + 2 * k * h + 2 * f) + (b * scores if impl in ("reference", "xla") else 0),
         "dots_with_no_batch_dims": tokens * A * (3 * d + n * h + 2 * k * h + 2 * f),
     }[remat]
+    saved_per_layer += lora_saved if remat != "full" else 0
     # Embedding output and the final norm's input/output, once.
     activations = L * saved_per_layer + 3 * tokens * A * d
 
@@ -240,7 +286,7 @@ def plan_memory(
     if sizes["fsdp"] > 1 or A != W:
         # This layer's weights and the next one's, gathered over fsdp and/or cast to the compute
         # dtype, plus this layer's full weight gradients before they are reduce-scattered.
-        gathers = 2 * layer_gathered * A + layer_gathered * W
+        gathers = 2 * layer_gathered * A + layer_grads * W
     if sizes["fsdp"] > 1:
         notes.append("FSDP all-gathers one layer's weights at a time (and prefetches the next).")
     layer_working = recompute + cotangents + gathers
@@ -267,6 +313,7 @@ def plan_memory(
         + " ".join(f"{a}={sizes[a]}" for a in AXES)
         + f" ({ndev} devices), remat {remat}, attention {impl}, {config.param_dtype} params, "
         f"{config.dtype} compute, loss chunk {loss_chunk or 'none'}"
+        + (f", LoRA r={lora.rank}" if lora is not None else "")
     )
     return MemoryPlan(
         params=params,

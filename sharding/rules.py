@@ -17,6 +17,7 @@ head_dim   –               –
 mlp        tensor          tensor               column/row-parallel MLP
 vocab      tensor          tensor               vocab-parallel embedding, head and logits
 layers     –               –                    scanned layer axis stays whole
+lora_rank  –               –                    LoRA's r is tiny: A/B shard on their in/out axes
 =========  ==============  ===================  =========================================
 
 Activations do not shard ``embed`` over ``fsdp`` because ``batch`` already uses that axis.
@@ -56,6 +57,7 @@ RULES_TABLE: tuple[tuple[str, Axes, Axes], ...] = (
     ("mlp", ("tensor",), ("tensor",)),
     ("vocab", ("tensor",), ("tensor",)),
     ("layers", (), ()),
+    ("lora_rank", (), ()),
 )
 PARAM_RULES: dict[str, Axes] = {name: p for name, p, _ in RULES_TABLE}
 ACTIVATION_RULES: dict[str, Axes] = {name: a for name, _, a in RULES_TABLE}
@@ -154,16 +156,16 @@ def _named(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def param_shardings(config, mesh: Mesh, rules: Rules = PARAM_RULES, *, strict: bool = False) -> Any:
+def param_shardings(config, mesh: Mesh, rules: Rules = PARAM_RULES, *, strict: bool = False, lora: Any = None) -> Any:
     """A tree of `NamedSharding` matching `model.init_params(config, ...)`, from `model.logical_axes`.
 
     Use it as ``init_params(config, key, out_shardings=param_shardings(config, mesh))`` so no
-    full-size parameter ever lands on one device.
+    full-size parameter ever lands on one device. With ``lora`` the tree includes the adapters.
     """
     from model.params import abstract_params, logical_axes  # lazy: model.llama imports this module
 
-    names = logical_axes(config)
-    shapes = jax.tree.map(lambda b: b.value.shape, abstract_params(config), is_leaf=_is_boxed)
+    names = logical_axes(config, lora)
+    shapes = jax.tree.map(lambda b: b.value.shape, abstract_params(config, lora), is_leaf=_is_boxed)
     return jax.tree.map(
         lambda n, s: _named(mesh, logical_to_spec(n, rules, mesh, s, strict=strict)),
         names,

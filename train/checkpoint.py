@@ -15,6 +15,8 @@ the runner needs to resume exactly). Properties the trainer relies on:
   *current* mesh's shardings, `train.state.abstract_state`), so a checkpoint written on one mesh
   shape restores onto another.
 - **Keep-N**: older steps beyond ``keep`` are deleted after a newer one is committed.
+- **LoRA**: a state's ``frozen`` base is never written (only adapters, trainable leaves, moments and
+  step), so a LoRA checkpoint is adapter-sized; the runner re-attaches the base from ``--init-from``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving ``state`` and the JSON-serialisable ``meta`` as ``step`` (async unless disabled)."""
+        if getattr(state, "frozen", None) is not None:
+            state = state.replace(frozen=None)  # the LoRA base: restored from --init-from, not stored here
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
         self._manager.save(int(step), args=args, force=True)
 

@@ -3,11 +3,12 @@ and a weight-decay mask.
 
 Decisions:
 - **Weight decay** applies to the matmul kernels only (leaves named ``kernel``: q/k/v/o, gate/up/down
-  and an untied ``lm_head``). Norm scales and the token embedding are not decayed — decaying a norm
-  scale pulls it toward 0 (not toward the identity 1), and decaying embeddings shrinks rare tokens'
-  rows that get few gradient updates. With ``tie_word_embeddings`` the shared matrix counts as an
-  embedding. The mask goes by name, not by rank, because scanned layers give norm scales a
-  leading ``[layers]`` axis.
+  and an untied ``lm_head``) and LoRA factors (``lora_a``/``lora_b``: decaying B pulls the adapted
+  model toward its base, as PEFT + the HF Trainer do). Norm scales and the token embedding are not
+  decayed — decaying a norm scale pulls it toward 0 (not toward the identity 1), and decaying
+  embeddings shrinks rare tokens' rows that get few gradient updates. With ``tie_word_embeddings``
+  the shared matrix counts as an embedding. The mask goes by name, not by rank, because scanned
+  layers give norm scales a leading ``[layers]`` axis.
 - **Schedule**: ``lr · (step + 1) / warmup`` during warmup (the first step already moves, unlike a
   warmup from exactly 0), then cosine or linear decay to ``lr · min_lr_ratio`` at ``total_steps``,
   or constant.
@@ -112,11 +113,11 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """``True`` for leaves that get weight decay: the matmul kernels (leaf name ``kernel``)."""
+    """``True`` for leaves that get weight decay: the matmul kernels (``kernel``) and LoRA factors."""
 
     def is_kernel(path, _leaf) -> bool:
         last = path[-1]
-        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+        return getattr(last, "key", getattr(last, "name", None)) in ("kernel", "lora_a", "lora_b")
 
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 

@@ -19,6 +19,10 @@ optimizer runs once per step, and ``state.step`` counts real updates. Micro-batc
 
 A step whose loss or gradient norm is not finite leaves the state as it was (``finite=False`` in the
 metrics; `train.guards.check_finite` turns that into an error naming the step).
+
+With LoRA (``lora=``) the step differentiates only ``state.params`` (adapters and any trainable
+embeddings/norms); ``state.frozen`` enters the forward as a constant of the gradient, so it gets no
+gradient, no optimizer state and no weight-gradient matmuls, and passes through the step untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.params import lm_head_kernel
@@ -103,6 +108,7 @@ def make_train_step(
     total_steps: int,
     loss_chunk: int = 1024,
     donate: bool = True,
+    lora: lora_lib.LoraConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``step(state, batch) -> (state, metrics)``.
 
@@ -113,6 +119,7 @@ def make_train_step(
         total_steps: optimizer steps of this stage (the schedule's horizon).
         loss_chunk: positions per chunk of the chunked cross-entropy.
         donate: donate the input state's buffers (the caller must not reuse ``state``).
+        lora: train LoRA adapters (state from `train.state.init_state` with the same ``lora``).
 
     Returns:
         A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
@@ -122,11 +129,11 @@ def make_train_step(
         nonzero ``loss_mask``, as fp32), ``finite`` (bool).
         ``b`` must be divisible by ``grad_accum_steps``.
     """
-    model = Llama(model_cfg, mesh=mesh)
+    model = Llama(model_cfg, mesh=mesh, lora=lora)
     tx = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg, total_steps)
     k = int(optim_cfg.grad_accum_steps)
-    st_sh = state_shardings(model_cfg, optim_cfg, mesh)
+    st_sh = state_shardings(model_cfg, optim_cfg, mesh, lora)
     rep = replicated(mesh)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -136,7 +143,8 @@ def make_train_step(
         tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
 
         def objective(params, mb):
-            loss_sum, _ = _loss_sums(model, model_cfg, params, mb, loss_chunk)
+            full = params if state.frozen is None else lora_lib.combine(params, state.frozen)
+            loss_sum, _ = _loss_sums(model, model_cfg, full, mb, loss_chunk)
             return loss_sum / denom, loss_sum
 
         grad_fn = jax.grad(objective, has_aux=True)
@@ -161,9 +169,10 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(state.step)
         params, opt_state = apply_updates(tx, grads, state.opt_state, state.params, lr)
-        new = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+        new = (params, opt_state, state.step + 1)
         # A non-finite step changes nothing, so the in-memory state stays the last good one.
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (state.params, state.opt_state, state.step))
+        new = TrainState(*new, frozen=state.frozen)  # the frozen base passes through (no select, no copy)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "finite": finite}
         return new, metrics
 
