@@ -12,10 +12,12 @@ documents, KV caches) is handled by the same code.
 Modules: `api` (the entry point), `reference` (dense), `xla`, `blockwise` (flash-style, custom
 VJP, returns the LSE) on the chunk loops of `flash`, `ring` (shard_map ring attention),
 `layout` (contiguous / zigzag / striped token layouts), `merge` (LSE merge), `instrument`
-(run-time counts of executed chunk pairs and ring hops).
+(run-time counts of executed chunk pairs and ring hops), `pallas_flash` (Pallas forward/backward
+kernels with position/segment masks) and `pallas_attention` (their custom VJPs, one device and
+ring hops: the ``kernel="pallas"`` paths).
 """
 
-from attention.api import IMPLS, AttentionError, attention, choose_impl, ring_problem
+from attention.api import IMPLS, KERNELS, AttentionError, attention, choose_impl, choose_kernel, ring_problem
 from attention.blockwise import blockwise_attention
 from attention.instrument import count_work
 from attention.layout import (
@@ -31,20 +33,25 @@ from attention.layout import (
 )
 from attention.masks import EMPTY_POSITION, default_positions, make_mask
 from attention.merge import merge_partials
+from attention.pallas_attention import PallasConfig, pallas_attention, ring_pallas_shard
+from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.reference import reference_attention
 from attention.ring import RingError, ring_attention_shard, sharded_attention
 
 __all__ = [
     "EMPTY_POSITION",
     "IMPLS",
+    "KERNELS",
     "LAYOUTS",
     "AttentionError",
     "LayoutError",
+    "PallasConfig",
     "RingError",
     "attention",
     "blockwise_attention",
     "check_layout",
     "choose_impl",
+    "choose_kernel",
     "count_work",
     "default_positions",
     "from_layout",
@@ -53,8 +60,12 @@ __all__ = [
     "layout_positions",
     "make_mask",
     "merge_partials",
+    "pallas_attention",
+    "pallas_backward",
+    "pallas_forward",
     "reference_attention",
     "ring_attention_shard",
+    "ring_pallas_shard",
     "ring_problem",
     "sharded_attention",
     "to_layout",

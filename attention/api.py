@@ -2,11 +2,17 @@
 
 Implementations (``impl``):
 - ``reference``: dense fp32 softmax (tests, short sequences);
-- ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU);
-- ``blockwise``: flash-style scan over KV chunks with a custom VJP, O(S·d) memory;
+- ``xla``: ``jax.nn.dot_product_attention`` with ``is_causal`` and no mask (cuDNN flash attention
+  on GPU). Only default positions without segment ids have a form it takes without a dense mask;
+  explicit positions or segment ids fall back to ``blockwise`` (the fused local kernel);
+- ``blockwise``: flash attention over the local sequence with a custom VJP, O(S·d) memory;
 - ``ring``: blockwise attention inside ``jax.shard_map`` with K/V passed around the
   ``sequence`` mesh axis (needs ``mesh``);
 - ``auto``: the fastest exact choice for the platform and shapes (see `choose_impl`).
+
+The local kernel of ``blockwise`` and ``ring`` (``kernel``): ``jnp`` (chunk loops in plain JAX,
+`attention.flash`), ``pallas`` (Pallas kernels, `attention.pallas_flash`; interpret mode off
+GPU/TPU) or ``auto`` (see `choose_kernel`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import jax.numpy as jnp
 from attention.masks import default_positions, make_mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+KERNELS = ("auto", "jnp", "pallas")
+# Largest Pallas tile: 128×128 fp32 scores fit a GPU SM's registers/shared memory with head_dim 128.
+PALLAS_MAX_TILE = 128
 # Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
 _DENSE_MAX_KEYS = 1024
 
@@ -43,7 +52,8 @@ def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = No
 
     A mesh with a ``sequence`` axis of size > 1 means the sequence is sharded: ring (or, if
     the lengths cannot be split over it, blockwise; `attention` warns). On GPU the cuDNN
-    kernel (through ``xla``) is fastest when the head size is one cuDNN supports; elsewhere
+    kernel (through ``xla``) is fastest when the head size is one cuDNN supports (inputs with
+    explicit positions or segment ids then run blockwise on the Pallas kernel); elsewhere
     short sequences go dense and long ones blockwise.
     """
     if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
@@ -52,6 +62,28 @@ def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = No
     if platform == "gpu" and q.shape[-1] in (64, 128) and q.dtype in (jnp.bfloat16, jnp.float16):
         return "xla"
     return "reference" if k.shape[1] <= _DENSE_MAX_KEYS else "blockwise"
+
+
+def choose_kernel(kernel: str = "auto", platform: str | None = None) -> str:
+    """The local kernel ``kernel`` resolves to: ``jnp`` or ``pallas``.
+
+    ``auto`` is ``pallas`` on GPU (Triton) and ``jnp`` elsewhere: on CPU the kernels would run in
+    Pallas's (slow) interpret mode, and on TPU their block layout does not yet meet Mosaic's
+    tiling rules, so ``jnp`` stays the TPU default until it is measured there.
+    """
+    if kernel not in KERNELS:
+        raise AttentionError(f"unknown attention kernel {kernel!r}: use one of {', '.join(KERNELS)}.")
+    if kernel != "auto":
+        return kernel
+    return "pallas" if (platform or jax.default_backend()) == "gpu" else "jnp"
+
+
+def pallas_config(causal: bool, scale: float, chunk_size: int):
+    """Kernel settings for ``kernel="pallas"``: tiles of ``min(chunk_size, PALLAS_MAX_TILE)``."""
+    from attention.pallas_attention import PallasConfig
+
+    tile = min(chunk_size, PALLAS_MAX_TILE)
+    return PallasConfig(causal=causal, scale=float(scale), block_q=tile, block_k=tile)
 
 
 def attention(
@@ -69,6 +101,7 @@ def attention(
     mesh=None,
     chunk_size: int = 512,
     skip_future_hops: bool = True,
+    kernel: str = "auto",
 ) -> jax.Array:
     """Grouped-query attention with masks from positions and segment ids.
 
@@ -80,12 +113,14 @@ def attention(
             self-attention it also serves the keys unless ``kv_segment_ids`` is given.
         q_positions, kv_positions: int32 ``[b, t]`` / ``[b, s]`` global positions
             (default ``arange``); a sequence shard passes its own.
-        impl: ``auto | reference | xla | blockwise | ring``.
+        impl: ``auto | reference | xla | blockwise | ring``. ``xla`` with explicit positions or
+            segment ids runs ``blockwise`` (cuDNN takes neither without a dense mask).
         scale: logit multiplier, default ``h ** -0.5``.
         mesh: required for ``ring`` (a mesh with a ``sequence`` axis).
         chunk_size: KV (and query) chunk for blockwise/ring.
         skip_future_hops: ring only; False reproduces the classic ring that computes and
             masks every hop (for benchmarks).
+        kernel: local kernel of blockwise/ring: ``auto | jnp | pallas`` (`choose_kernel`).
 
     Returns:
         ``[b, t, n, h]`` in q's dtype. Query rows with no visible key are zeros.
@@ -101,6 +136,12 @@ def attention(
         raise AttentionError(f"unknown attention impl {impl!r}: use one of {', '.join(IMPLS)}.")
     s = k.shape[1]
     scale = h**-0.5 if scale is None else scale
+    kernel = choose_kernel(kernel)
+    # Only arange positions in one document have a mask-free form (is_causal). With t != s the
+    # corner a causal flag aligns to is not the same on every backend, so that case, like
+    # explicit positions and segment ids, takes the fused local kernel.
+    xla_plain = q_positions is None and kv_positions is None and segment_ids is None and kv_segment_ids is None
+    xla_plain = xla_plain and (t == s or not causal)
     q_positions = default_positions(b, t) if q_positions is None else q_positions.astype(jnp.int32)
     kv_positions = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
     if kv_segment_ids is None and segment_ids is not None and s == t:
@@ -111,6 +152,13 @@ def attention(
         impl = choose_impl(q, k, mesh)
         if impl == "blockwise" and mesh is not None and (problem := ring_problem(q, k, mesh)):
             warnings.warn(f"attention: falling back from ring to blockwise attention: {problem}.", stacklevel=2)
+
+    if impl == "xla":
+        if xla_plain:
+            from attention.xla import xla_attention
+
+            return xla_attention(q, k, v, scale, is_causal=causal)
+        impl = "blockwise"
 
     if impl == "ring":
         if mesh is None:
@@ -133,6 +181,13 @@ def attention(
             chunk_size=chunk_size,
             skip_future_hops=skip_future_hops,
         )
+    if impl == "blockwise" and kernel == "pallas":
+        from attention.pallas_attention import pallas_attention
+
+        q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+        kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids
+        cfg = pallas_config(causal, scale, chunk_size)
+        return pallas_attention(q, k, v, q_positions, kv_positions, q_seg, kv_seg, cfg)[0]
     if impl == "blockwise":
         from attention.blockwise import blockwise_attention
 
@@ -150,10 +205,6 @@ def attention(
         )
         return out
     mask = make_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, causal)
-    if impl == "xla":
-        from attention.xla import xla_attention
-
-        return xla_attention(q, k, v, mask, scale)
     from attention.reference import reference_attention
 
     return reference_attention(q, k, v, mask, scale)[0]
