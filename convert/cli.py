@@ -1,7 +1,8 @@
 """``python -m convert`` / ``ringllama-convert``: move Llama 3 weights between formats.
 
     ringllama-convert hf-to-flax   HF_DIR   CKPT_DIR [--dtype bfloat16]
-    ringllama-convert flax-to-hf   CKPT_DIR HF_DIR   [--max-shard-size 5GB] [--dtype bfloat16]
+    ringllama-convert flax-to-hf   CKPT_DIR HF_DIR   [--max-shard-size 5GB] [--dtype bfloat16] [--merge-lora]
+    ringllama-convert flax-to-peft LORA_CKPT PEFT_DIR [--base-model NAME_OR_PATH]
     ringllama-convert meta-to-flax META_DIR CKPT_DIR [--dtype bfloat16]
 
 Bad input gets one sentence on stderr and exit status 2; the destination is written through a
@@ -18,6 +19,7 @@ from convert.atomic import check_destination
 from convert.checkpoint import load_checkpoint, save_checkpoint
 from convert.hf import load_hf, save_hf
 from convert.names import ConversionError
+from convert.peft import is_lora_checkpoint, load_lora_checkpoint, merge_numpy, save_peft
 from model.config import DTYPES, ConfigError
 
 PROG = "ringllama-convert"
@@ -30,11 +32,31 @@ def hf_to_flax(src: str, dst: str, dtype: str | None = None, scan_layers: bool =
     save_checkpoint(dst, cfg, params, side_files_from=src)
 
 
-def flax_to_hf(src: str, dst: str, max_shard_size: str = "5GB", dtype: str | None = None) -> None:
-    """ringllama checkpoint → Hugging Face directory."""
+def flax_to_hf(
+    src: str, dst: str, max_shard_size: str = "5GB", dtype: str | None = None, merge_lora: bool = False
+) -> None:
+    """ringllama checkpoint → Hugging Face directory (a LoRA checkpoint needs ``merge_lora``: W + (α/r)·A·B)."""
     check_destination(dst)
-    cfg, params = load_checkpoint(src)
+    if is_lora_checkpoint(src) != merge_lora:
+        raise ConversionError(
+            f"{src} holds LoRA adapters: pass --merge-lora for a merged model, or use flax-to-peft for an adapter "
+            "directory."
+            if merge_lora is False
+            else f"--merge-lora needs a LoRA checkpoint but {src} has no adapters: drop --merge-lora."
+        )
+    if merge_lora:
+        cfg, lora, params, _ = load_lora_checkpoint(src)
+        params = merge_numpy(params, lora)
+    else:
+        cfg, params = load_checkpoint(src)
     save_hf(cfg, params, dst, max_shard_size=max_shard_size, dtype=dtype, side_files_from=src)
+
+
+def flax_to_peft(src: str, dst: str, base_model: str | None = None) -> None:
+    """ringllama LoRA checkpoint → PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    check_destination(dst)
+    cfg, lora, params, stored_base = load_lora_checkpoint(src)
+    save_peft(dst, cfg, lora, params, base_model or stored_base)
 
 
 def meta_to_flax(
@@ -67,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  ringllama-convert hf-to-flax Llama-3.2-1B ckpt/llama-1b --dtype bfloat16\n"
         "  ringllama-convert flax-to-hf runs/demo/final out/hf --max-shard-size 2GB\n"
+        "  ringllama-convert flax-to-hf runs/lora/lora out/merged --merge-lora\n"
+        "  ringllama-convert flax-to-peft runs/lora/lora out/adapter --base-model meta-llama/Meta-Llama-3-8B\n"
         "  ringllama-convert meta-to-flax Meta-Llama-3.1-8B ckpt/llama-8b\n\n"
         "exit status: 0 on success; 2 on bad input, with one sentence on stderr and no destination left behind.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -102,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
         "with a model.safetensors.index.json (default: 5GB)",
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="SRC is a LoRA checkpoint (a run with lora:): write the merged model W + (alpha/r)·B·A",
+    )
+
+    p = sub.add_parser(
+        "flax-to-peft",
+        help="ringllama LoRA checkpoint -> PEFT adapter directory",
+        description="Write adapter_config.json and adapter_model.safetensors that "
+        "peft.PeftModel.from_pretrained(base_model, DIR) loads onto the base transformers model "
+        "(trained embeddings / norms as modules_to_save).",
+    )
+    p.add_argument("src", metavar="SRC", help="ringllama LoRA checkpoint directory (has lora_config.json)")
+    p.add_argument("dst", metavar="DST", help="new PEFT adapter directory (must not exist)")
+    p.add_argument(
+        "--base-model", default=None, help="base_model_name_or_path to record (default: the one the run recorded)"
+    )
 
     p = sub.add_parser(
         "meta-to-flax",
@@ -137,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hf-to-flax":
             hf_to_flax(args.src, args.dst, args.dtype, args.scan_layers)
         elif args.command == "flax-to-hf":
-            flax_to_hf(args.src, args.dst, args.max_shard_size, args.dtype)
+            flax_to_hf(args.src, args.dst, args.max_shard_size, args.dtype, args.merge_lora)
+        elif args.command == "flax-to-peft":
+            flax_to_peft(args.src, args.dst, args.base_model)
         else:
             meta_to_flax(
                 args.src, args.dst, args.dtype, args.scan_layers, args.max_position_embeddings, args.rope_scaling_factor
