@@ -16,7 +16,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attention.flash import ChunkConfig, flash_backward, flash_forward, pad_keys, pad_queries
+from attention.flash import (
+    ChunkConfig,
+    finalize,
+    flash_backward,
+    flash_forward,
+    kv_chunks,
+    kv_unchunk,
+    pad_keys,
+    pad_queries,
+    q_chunks,
+    q_unchunk,
+    stat_chunks,
+    stat_unchunk,
+    token_chunks,
+)
 from attention.masks import default_positions
 
 
@@ -73,10 +87,24 @@ def blockwise_attention(
     return out[:, :t], lse[:, :t]
 
 
+def _chunked(cfg: ChunkConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Chunk-major copies of the inputs (one transpose each, outside the chunk loops)."""
+    kh, cq, ck = k.shape[2], cfg.q_chunk, cfg.kv_chunk
+    return (
+        q_chunks(q, kh, cq),
+        kv_chunks(k, ck),
+        kv_chunks(v, ck),
+        token_chunks(q_pos, cq),
+        token_chunks(kv_pos, ck),
+        token_chunks(q_seg, cq),
+        token_chunks(kv_seg, ck),
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _blockwise(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg)
-    return out.astype(q.dtype), lse
+    out, lse = finalize(flash_forward(*_chunked(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg), cfg))
+    return q_unchunk(out, cfg.q_chunk).astype(q.dtype), stat_unchunk(lse, cfg.q_chunk)
 
 
 def _blockwise_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -88,10 +116,20 @@ def _blockwise_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 def _blockwise_bwd(cfg, res, cts):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cts
+    kh, cq = k.shape[2], cfg.q_chunk
     # d lse / d logit = p, so an LSE cotangent folds into delta: ds = p * (dp - (delta - d_lse)).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
-    dq, dk, dv = flash_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, lse, delta, cfg)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    # Rows that saw no key have lse -inf and an all-false mask: any finite shift works.
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    dq, dk, dv = flash_backward(
+        *_chunked(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg),
+        q_chunks(d_out, kh, cq),
+        stat_chunks(lse, kh, cq),
+        stat_chunks(delta, kh, cq),
+        cfg,
+    )
+    dq = q_unchunk(dq, cq).astype(q.dtype)
+    return dq, kv_unchunk(dk).astype(k.dtype), kv_unchunk(dv).astype(v.dtype), None, None, None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -1,15 +1,22 @@
 """Flash-style chunk loops shared by blockwise and ring attention (forward and backward).
 
 Shape letters: b batch, t query position, s key position, n query heads, k kv heads,
-g = n / k query heads per kv head, h head_dim; a trailing ``q``/``s`` in an einsum is a
-query/key position inside one chunk.
+g = n / k query heads per kv head, h head_dim, c chunk length, r = g·c the query rows of one
+chunk that share a kv head.
 
-The loops take inputs already padded to whole chunks (`pad_queries` / `pad_keys`) and
-walk query chunks in an outer ``lax.scan`` and KV chunks in an inner ``lax.fori_loop``
-with an online softmax in fp32. A chunk pair that the mask hides entirely (decided from
-the chunks' position and segment-id ranges, so any token order works) goes through the
-identity branch of a ``lax.cond`` and costs no FLOPs. GQA is native: queries are viewed
-as ``[b, t, k, g, h]`` so K/V are never repeated.
+The loops work on a *chunk-major* layout made once per call (`q_chunks`, `kv_chunks`,
+`token_chunks`): queries ``[t/c, b, k, g·c, h]``, keys/values ``[s/c, b, k, c, h]``. A chunk is
+then one contiguous slice of the leading axis, and every matmul is a plain batched ``[r, h] ×
+[h, c]`` product over ``(b, k)``: GQA stays native (K/V never repeated) and XLA needs no
+per-chunk transposes. Query chunks run in an outer loop, KV chunks in an inner one, with an
+online softmax in fp32.
+
+Each chunk pair is classified from its position and segment-id ranges (so any token order
+works) into one of three branches of a ``lax.switch``: hidden (identity, no FLOPs), fully
+visible (no mask at all) or partly visible (masked). Only chunk-sized values pass through the
+switch; full-size accumulators are updated in place with dynamic-update-slices of the leading
+axis. The forward carries the unnormalised state ``(acc, m, l)`` so a ring merges hops by simply
+continuing it (`finalize` normalises once at the end).
 
 Fresh loop carries are made ``varying`` over the same mesh axes as their inputs
 (`vary_like`), which ``jax.shard_map(check_vma=True)`` needs when these loops run inside
@@ -19,19 +26,22 @@ the ring.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from attention import instrument
-from attention.merge import merge_partials
 
 # Position of padded query rows: before every key, so a causal mask hides all keys from them
 # and they never raise a chunk's maximum query position (the skip rule stays tight).
 Q_PAD = -(2**31)
 # Position of padded keys: never visible (checked explicitly, so bidirectional masks hide it too).
 KV_PAD = 2**31 - 1
+# Running-max start: finite, so exp(m_old - m_new) never sees inf - inf, and below any real logit.
+M_INIT = float(jnp.finfo(jnp.float32).min)
+HIDDEN, FULL, PARTIAL = 0, 1, 2  # chunk-pair kinds (switch branch indices)
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,9 @@ class ChunkConfig:
         causal: hide keys with a later position than the query.
         scale: logit multiplier.
         q_chunk / kv_chunk: chunk lengths; inputs must be padded to multiples of them.
-        skip_masked: skip fully masked chunk pairs (False computes and masks every pair,
-            the classic ring's behaviour, kept for benchmarks).
+        skip_masked: skip fully masked chunk pairs and use the mask-free path for fully
+            visible ones (False computes and masks every pair, the classic ring's behaviour,
+            kept for benchmarks).
     """
 
     causal: bool
@@ -91,6 +102,49 @@ def pad_keys(k: jax.Array, v: jax.Array, positions: jax.Array, segments: jax.Arr
     )
 
 
+def q_chunks(x: jax.Array, kv_heads: int, chunk: int) -> jax.Array:
+    """``[b, t, n, h]`` → chunk-major ``[t/c, b, k, g·c, h]`` (rows of one kv head's query group)."""
+    b, t, n, h = x.shape
+    g = n // kv_heads
+    x = x.reshape(b, t // chunk, chunk, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
+    return x.reshape(t // chunk, b, kv_heads, g * chunk, h)
+
+
+def q_unchunk(x: jax.Array, chunk: int) -> jax.Array:
+    """Inverse of `q_chunks`: ``[t/c, b, k, g·c, h]`` → ``[b, t, n, h]``."""
+    nc, b, kh, r, h = x.shape
+    g = r // chunk
+    return x.reshape(nc, b, kh, g, chunk, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nc * chunk, kh * g, h)
+
+
+def stat_chunks(x: jax.Array, kv_heads: int, chunk: int) -> jax.Array:
+    """Per-query-head statistics ``[b, t, n]`` → ``[t/c, b, k, g·c]``."""
+    return q_chunks(x[..., None], kv_heads, chunk)[..., 0]
+
+
+def stat_unchunk(x: jax.Array, chunk: int) -> jax.Array:
+    """Inverse of `stat_chunks`."""
+    return q_unchunk(x[..., None], chunk)[..., 0]
+
+
+def kv_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """``[b, s, k, h]`` → chunk-major ``[s/c, b, k, c, h]``."""
+    b, s, kh, h = x.shape
+    return x.reshape(b, s // chunk, chunk, kh, h).transpose(1, 0, 3, 2, 4)
+
+
+def kv_unchunk(x: jax.Array) -> jax.Array:
+    """Inverse of `kv_chunks`."""
+    nc, b, kh, c, h = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nc * c, kh, h)
+
+
+def token_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """Positions / segment ids ``[b, t]`` → ``[t/c, b, c]``."""
+    b, t = x.shape
+    return x.reshape(b, t // chunk, chunk).transpose(1, 0, 2)
+
+
 def chunk_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, causal: bool) -> jax.Array:
     """Bool ``[b, tq, sk]``: same segment, key not padding and (if causal) not in the future."""
     mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_pos != KV_PAD)[:, None, :]
@@ -99,112 +153,154 @@ def chunk_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array, kv_seg: ja
     return mask
 
 
-def block_is_masked(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, causal: bool):
-    """Scalar bool: every (query, key) pair of these blocks is masked, for every batch row.
+class _Ranges(NamedTuple):
+    """Per-row ranges of a block of tokens (arrays ``[..., b]``), all the skip rules need."""
 
-    Uses only per-row ranges: keys all padding, causal keys all later than the latest query,
-    or disjoint segment-id ranges. Conservative (may say False for a masked block), never wrong.
-    """
-    kv_min = jnp.min(kv_pos, axis=1)  # [b]; padding is KV_PAD, the largest int32
-    masked = kv_min == KV_PAD
+    pos_min: jax.Array
+    pos_max: jax.Array  # over non-padding keys (KV_PAD excluded); queries: over all
+    seg_min: jax.Array
+    seg_max: jax.Array
+    padded: jax.Array  # any KV_PAD key
+
+
+def _ranges(pos: jax.Array, seg: jax.Array, axes) -> _Ranges:
+    real = jnp.where(pos == KV_PAD, jnp.iinfo(jnp.int32).min, pos)
+    return _Ranges(
+        jnp.min(pos, axes), jnp.max(real, axes), jnp.min(seg, axes), jnp.max(seg, axes), jnp.any(pos == KV_PAD, axes)
+    )
+
+
+def _hidden(qr: _Ranges, kr: _Ranges, causal: bool) -> jax.Array:
+    """Every (query, key) pair masked, for every batch row (conservative: False may still be masked)."""
+    masked = kr.pos_min == KV_PAD  # all keys padding
     if causal:
-        masked = masked | (kv_min > jnp.max(q_pos, axis=1))
-    disjoint = (jnp.max(q_seg, axis=1) < jnp.min(kv_seg, axis=1)) | (jnp.max(kv_seg, axis=1) < jnp.min(q_seg, axis=1))
+        masked = masked | (kr.pos_min > qr.pos_max)
+    disjoint = (qr.seg_max < kr.seg_min) | (kr.seg_max < qr.seg_min)
     return jnp.all(masked | disjoint)
 
 
-def _maybe_skip(cfg: ChunkConfig, masked, compute, carry):
-    """``compute(carry)`` unless the block is masked and skipping is on (then ``carry``, no FLOPs)."""
+def _visible(qr: _Ranges, kr: _Ranges, causal: bool) -> jax.Array:
+    """Every (query, key) pair visible for every batch row: one shared segment, no padding, no future key."""
+    seen = ~kr.padded & (qr.seg_min == qr.seg_max) & (kr.seg_min == kr.seg_max) & (qr.seg_min == kr.seg_min)
+    if causal:
+        seen = seen & (kr.pos_max <= qr.pos_min)
+    return jnp.all(seen)
+
+
+def block_is_masked(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, causal: bool):
+    """Scalar bool: every (query, key) pair of these blocks is masked, for every batch row.
+
+    Takes token arrays ``[b, t]`` or chunk-major ``[t/c, b, c]``. Uses only per-row ranges:
+    keys all padding, causal keys all later than the latest query, or disjoint segment-id
+    ranges. Conservative (may say False for a masked block), never wrong.
+    """
+    axes = (1,) if q_pos.ndim == 2 else (0, 2)
+    return _hidden(_ranges(q_pos, q_seg, axes), _ranges(kv_pos, kv_seg, axes), causal)
+
+
+def _pair_kind(cfg: ChunkConfig, qr: _Ranges, kr: _Ranges) -> jax.Array | int:
     if not cfg.skip_masked:
-        return compute(carry)
-    return lax.cond(masked, lambda c: c, compute, carry)
+        return PARTIAL
+    kind = jnp.where(_visible(qr, kr, cfg.causal), FULL, PARTIAL)
+    return jnp.where(_hidden(qr, kr, cfg.causal), HIDDEN, kind).astype(jnp.int32)
+
+
+def _switch(kind, branches, operand):
+    """``branches[kind](operand)``; a static kind calls its branch directly (no switch)."""
+    if isinstance(kind, int):
+        return branches[kind](operand)
+    return lax.switch(kind, branches, operand)
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _update(tree, values, i):
+    return jax.tree.map(lambda x, y: lax.dynamic_update_index_in_dim(x, y, i, 0), tree, values)
+
+
+def init_state(qc: jax.Array, *refs: jax.Array):
+    """Fresh forward state ``(acc [t/c,b,k,r,h], m [t/c,b,k,r], l [t/c,b,k,r])`` in fp32."""
+    acc = vary_like(jnp.zeros(qc.shape, jnp.float32), qc, *refs)
+    m = jnp.full_like(acc, M_INIT, shape=qc.shape[:-1])
+    return acc, m, jnp.zeros_like(m)
+
+
+def finalize(state):
+    """``(acc, m, l)`` → chunk-major fp32 ``out`` (zeros where nothing was seen) and ``lse`` (-inf there)."""
+    acc, m, denom = state
+    seen = denom > 0
+    safe = jnp.where(seen, denom, 1.0)
+    return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
 
 def flash_forward(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, device_index=None, out=None, lse=None, active=None
+    qc, kc, vc, q_pos, kv_pos, q_seg, kv_seg, cfg: ChunkConfig, device_index=None, state=None, active=None
 ):
-    """Online-softmax attention over padded inputs, optionally merged into earlier partial results.
+    """Online-softmax attention over chunk-major inputs, continuing an earlier state (a ring's hops).
 
     Args:
-        q: ``[b, t, n, h]`` with ``t % cfg.q_chunk == 0``; k, v: ``[b, s, k, h]`` with
-            ``s % cfg.kv_chunk == 0``; positions / segment ids int32 ``[b, t]`` / ``[b, s]``.
+        qc: ``[t/c, b, k, g·c, h]`` (`q_chunks`); kc, vc: ``[s/c, b, k, c, h]`` (`kv_chunks`);
+            positions / segment ids int32 chunk-major ``[t/c, b, c]`` / ``[s/c, b, c]``.
         cfg: chunking and masking settings.
         device_index: ring position for `instrument` counts (None off a ring).
-        out, lse: fp32 ``[b, t, n, h]`` / ``[b, t, n]`` results over other keys (a ring's earlier
-            hops) to merge into, chunk by chunk in place (no second full-size buffer); None: none.
-        active: traced bool; False runs zero iterations and returns ``out, lse`` untouched (a
+        state: `init_state` or the state returned by an earlier call over other keys; None: fresh.
+        active: traced bool; False runs zero iterations and returns ``state`` untouched (a
             skipped ring hop). A zero-trip loop rather than a ``cond``, whose branches would
-            need a second copy of the full-size carries.
+            need a second copy of the full-size state.
 
     Returns:
-        out fp32 ``[b, t, n, h]`` (zeros for rows with no visible key) and lse fp32 ``[b, t, n]``
-        (``-inf`` for those rows).
+        the unnormalised state ``(acc, m, l)`` (`finalize` gives out and lse).
     """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g, cq, ck = n // kh, cfg.q_chunk, cfg.kv_chunk
-    q5 = q.reshape(b, t, kh, g, h)
-    merge = out is not None
-    if not merge:
-        out = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        lse = jnp.full_like(out, -jnp.inf, shape=q.shape[:3])
+    nq, b, kh, r, h = qc.shape
+    cq, ck = cfg.q_chunk, cfg.kv_chunk
+    g = r // cq
+    if state is None:
+        state = init_state(qc, kc, vc, q_pos, kv_pos, q_seg, kv_seg)
+    k_ranges = _ranges(kv_pos, kv_seg, (2,))  # [s/c, b] each
+    q_ranges = _ranges(q_pos, q_seg, (2,))
 
-    def q_step(i, carry):
-        out, lse = carry
-        qi = lax.dynamic_slice_in_dim(q5, i * cq, cq, axis=1)  # [b, cq, k, g, h]
-        qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
-        qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
-        acc0 = vary_like(jnp.zeros((b, kh, g, cq, h), jnp.float32), out, qi, k, v, qpi, kv_pos, qsi, kv_seg)
-        m0 = jnp.full_like(acc0, -jnp.inf, shape=(b, kh, g, cq))  # running row max
-        l0 = jnp.zeros_like(m0)  # running softmax denominator
+    def q_step(i, state):
+        qi, qpi, qsi = _index((qc, q_pos, q_seg), i)  # [b, k, r, h], [b, cq]
+        qri = _index(q_ranges, i)
 
         def kv_step(j, carry):
-            kj = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=1)  # [b, ck, k, h]
-            vj = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=1)
-            kpj = lax.dynamic_slice_in_dim(kv_pos, j * ck, ck, axis=1)
-            ksj = lax.dynamic_slice_in_dim(kv_seg, j * ck, ck, axis=1)
+            kj, vj, kpj, ksj = _index((kc, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
 
-            def compute(carry):
-                acc, m, denom = carry
-                instrument.record("chunk_fwd", device_index)
-                s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
-                mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
-                s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                # Rows with nothing visible yet keep max -inf; shift by 0 so exp gives 0, not NaN.
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                alpha = jnp.exp(m - m_safe)
-                p = jnp.exp(s - m_safe[..., None])  # [b, k, g, cq, ck]
-                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-                return alpha[..., None] * acc + pv, m_new, alpha * denom + jnp.sum(p, axis=-1)
+            def compute(masked):
+                def run(carry):
+                    acc, m, denom = carry
+                    instrument.record("chunk_fwd", device_index)
+                    s = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
+                    if masked:
+                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
+                        s = jnp.where(mask, s.reshape(b, kh, g, cq, ck), -jnp.inf).reshape(s.shape)
+                    m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # finite: m starts at M_INIT
+                    alpha = jnp.exp(m - m_new)
+                    p = jnp.exp(s - m_new[..., None])  # [b, k, r, ck]
+                    pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+                    return alpha[..., None] * acc + pv, m_new, alpha * denom + jnp.sum(p, axis=-1)
 
-            return _maybe_skip(cfg, block_is_masked(qpi, kpj, qsi, ksj, cfg.causal), compute, carry)
+                return run
 
-        acc, m, denom = lax.fori_loop(0, k.shape[1] // ck, kv_step, (acc0, m0, l0))
-        seen = denom > 0
-        lse_i = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)  # [b, k, g, cq]
-        out_i = acc / jnp.where(seen, denom, 1.0)[..., None]
-        out_i = out_i.transpose(0, 3, 1, 2, 4).reshape(b, cq, n, h)
-        lse_i = lse_i.transpose(0, 3, 1, 2).reshape(b, cq, n)
-        if merge:
-            prev_out = lax.dynamic_slice_in_dim(out, i * cq, cq, axis=1)
-            prev_lse = lax.dynamic_slice_in_dim(lse, i * cq, cq, axis=1)
-            out_i, lse_i = merge_partials(prev_out, prev_lse, out_i, lse_i)
-        out = lax.dynamic_update_slice_in_dim(out, out_i, i * cq, axis=1)
-        return out, lax.dynamic_update_slice_in_dim(lse, lse_i, i * cq, axis=1)
+            kind = _pair_kind(cfg, qri, _index(k_ranges, j))
+            return _switch(kind, (lambda c: c, compute(False), compute(True)), carry)
 
-    return lax.fori_loop(0, _trips(t // cq, active), q_step, (out, lse))
+        return _update(state, lax.fori_loop(0, kc.shape[0], kv_step, _index(state, i)), i)
+
+    return lax.fori_loop(0, _trips(nq, active), q_step, state)
 
 
 def flash_backward(
-    q,
-    k,
-    v,
+    qc,
+    kc,
+    vc,
     q_pos,
     kv_pos,
     q_seg,
     kv_seg,
-    do,
+    doc,
     lse,
     delta,
     cfg: ChunkConfig,
@@ -217,82 +313,73 @@ def flash_backward(
     """Gradients of `flash_forward` recomputed chunk by chunk from the saved (global) LSE.
 
     Args:
-        q, k, v, positions, segment ids, cfg: as for `flash_forward`.
-        do: output cotangent ``[b, t, n, h]``.
-        lse: fp32 ``[b, t, n]`` log-sum-exp of the *complete* attention row (for the ring:
-            over all hops), so ``p = exp(s - lse)`` are the final probabilities.
-        delta: fp32 ``[b, t, n]``: ``sum(do * out, -1) - dlse`` with the final output.
-        dq, dk, dv: fp32 accumulators (``[b, t, n, h]``, ``[b, s, k, h]``) to add into in place
-            (zeros when None).
+        qc, kc, vc, positions, segment ids, cfg: chunk-major, as for `flash_forward`.
+        doc: output cotangent, chunk-major ``[t/c, b, k, g·c, h]``.
+        lse: fp32 ``[t/c, b, k, g·c]`` log-sum-exp of the *complete* attention row (for the
+            ring: over all hops), so ``p = exp(s - lse)`` are the final probabilities; rows
+            that saw no key must hold any finite value (their mask is all false).
+        delta: fp32 like lse: ``sum(do * out, -1) - dlse`` with the final output.
+        dq, dk, dv: fp32 chunk-major accumulators to add into in place (zeros when None).
         active: traced bool; False skips all work (see `flash_forward`).
 
     Returns:
-        dq, dk, dv in fp32, including the accumulators.
+        dq, dk, dv in fp32, chunk-major, including the accumulators.
     """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g, cq, ck = n // kh, cfg.q_chunk, cfg.kv_chunk
-    q5, do5 = q.reshape(b, t, kh, g, h), do.reshape(b, t, kh, g, h)
-    # Rows that saw no key have lse -inf and an all-false mask: any finite shift works.
-    lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, t, kh, g)
-    delta4 = delta.reshape(b, t, kh, g)
+    nq, b, kh, r, h = qc.shape
+    cq, ck = cfg.q_chunk, cfg.kv_chunk
+    g = r // cq
     if dq is None:
-        dq = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
+        dq = vary_like(jnp.zeros(qc.shape, jnp.float32), qc, kc, vc, doc, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
     if dk is None:
-        dk, dv = jnp.zeros_like(dq, shape=k.shape), jnp.zeros_like(dq, shape=v.shape)
+        dk, dv = jnp.zeros_like(dq, shape=kc.shape), jnp.zeros_like(dq, shape=vc.shape)
+    k_ranges = _ranges(kv_pos, kv_seg, (2,))
+    q_ranges = _ranges(q_pos, q_seg, (2,))
 
     def q_step(i, carry):
         dq, dk, dv = carry
-        qi = lax.dynamic_slice_in_dim(q5, i * cq, cq, axis=1)  # [b, cq, k, g, h]
-        doi = lax.dynamic_slice_in_dim(do5, i * cq, cq, axis=1)
-        lse_i = lax.dynamic_slice_in_dim(lse4, i * cq, cq, axis=1).transpose(0, 2, 3, 1)  # [b, k, g, cq]
-        delta_i = lax.dynamic_slice_in_dim(delta4, i * cq, cq, axis=1).transpose(0, 2, 3, 1)
-        qpi = lax.dynamic_slice_in_dim(q_pos, i * cq, cq, axis=1)
-        qsi = lax.dynamic_slice_in_dim(q_seg, i * cq, cq, axis=1)
-        # This chunk's dq accumulates on top of what earlier calls (ring hops) left there.
-        dq0 = vary_like(lax.dynamic_slice_in_dim(dq, i * cq, cq, axis=1).reshape(qi.shape), dk, dv, qi, doi)
+        qi, doi, lse_i, delta_i, qpi, qsi = _index((qc, doc, lse, delta, q_pos, q_seg), i)
+        qri = _index(q_ranges, i)
 
         def kv_step(j, inner):
             dqi, dk, dv = inner
-            kj = lax.dynamic_slice_in_dim(k, j * ck, ck, axis=1)  # [b, ck, k, h]
-            vj = lax.dynamic_slice_in_dim(v, j * ck, ck, axis=1)
-            kpj = lax.dynamic_slice_in_dim(kv_pos, j * ck, ck, axis=1)
-            ksj = lax.dynamic_slice_in_dim(kv_seg, j * ck, ck, axis=1)
+            kj, vj, kpj, ksj = _index((kc, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
 
-            def compute(dqi):
-                instrument.record("chunk_bwd", device_index)
-                s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
-                mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]
-                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)  # [b, k, g, cq, ck]
-                dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_i[..., None])  # d(loss)/d(logit), before the scale
-                dqi = dqi + cfg.scale * jnp.einsum(
-                    "bkgqs,bskh->bqkgh", ds.astype(k.dtype), kj, preferred_element_type=jnp.float32
-                )
-                dk_j = cfg.scale * jnp.einsum(
-                    "bkgqs,bqkgh->bskh", ds.astype(q.dtype), qi, preferred_element_type=jnp.float32
-                )
-                return dqi, dk_j, dv_j
+            def compute(masked):
+                def run(dqi):
+                    instrument.record("chunk_bwd", device_index)
+                    s = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
+                    p = jnp.exp(s - lse_i[..., None])  # [b, k, r, ck]
+                    if masked:
+                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]
+                        p = jnp.where(mask, p.reshape(b, kh, g, cq, ck), 0.0).reshape(p.shape)
+                    dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+                    dp = jnp.einsum("bkrh,bksh->bkrs", doi, vj, preferred_element_type=jnp.float32)
+                    ds = p * (dp - delta_i[..., None])  # d(loss)/d(logit), before the scale
+                    dqi = dqi + cfg.scale * jnp.einsum(
+                        "bkrs,bksh->bkrh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32
+                    )
+                    dk_j = cfg.scale * jnp.einsum(
+                        "bkrs,bkrh->bksh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32
+                    )
+                    return dqi, dk_j, dv_j
+
+                return run
 
             def skip(dqi):
                 zeros = vary_like(jnp.zeros(kj.shape, jnp.float32), dqi, kj, vj, kpj, ksj, lse_i, delta_i)
                 return dqi, zeros, zeros
 
-            # The cond carries only chunk-sized values; the full dK/dV stay in the loop carry.
-            if cfg.skip_masked:
-                masked = block_is_masked(qpi, kpj, qsi, ksj, cfg.causal)
-                dqi, dk_j, dv_j = lax.cond(masked, skip, compute, dqi)
-            else:
-                dqi, dk_j, dv_j = compute(dqi)
-            dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, j * ck, ck, 1) + dk_j, j * ck, 1)
-            dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, j * ck, ck, 1) + dv_j, j * ck, 1)
+            # The switch carries only chunk-sized values; the full dK/dV stay in the loop carry.
+            kind = _pair_kind(cfg, qri, _index(k_ranges, j))
+            dqi, dk_j, dv_j = _switch(kind, (skip, compute(False), compute(True)), dqi)
+            dk = lax.dynamic_update_index_in_dim(dk, _index(dk, j) + dk_j, j, 0)
+            dv = lax.dynamic_update_index_in_dim(dv, _index(dv, j) + dv_j, j, 0)
             return dqi, dk, dv
 
-        dqi, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step, (dq0, dk, dv))
-        return lax.dynamic_update_slice_in_dim(dq, dqi.reshape(b, cq, n, h), i * cq, axis=1), dk, dv
+        dqi, dk, dv = lax.fori_loop(0, kc.shape[0], kv_step, (_index(dq, i), dk, dv))
+        return lax.dynamic_update_index_in_dim(dq, dqi, i, 0), dk, dv
 
-    return lax.fori_loop(0, _trips(t // cq, active), q_step, (dq, dk, dv))
+    return lax.fori_loop(0, _trips(nq, active), q_step, (dq, dk, dv))
 
 
 def _trips(count: int, active):

@@ -41,10 +41,19 @@ from attention.api import AttentionError
 from attention.flash import (
     ChunkConfig,
     block_is_masked,
+    finalize,
     flash_backward,
     flash_forward,
+    init_state,
+    kv_chunks,
+    kv_unchunk,
     pad_keys,
     pad_queries,
+    q_chunks,
+    q_unchunk,
+    stat_chunks,
+    stat_unchunk,
+    token_chunks,
     vary_like,
 )
 from attention.masks import default_positions
@@ -155,6 +164,14 @@ def _hop_active(cfg: _RingConfig, q_pos, kv_pos, q_seg, kv_seg):
     return ~block_is_masked(q_pos, kv_pos, q_seg, kv_seg, cfg.chunk.causal)
 
 
+def _chunked(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Chunk-major copies: queries stay, the K/V block travels the ring in this layout."""
+    kh, cq, ck = k.shape[2], cfg.chunk.q_chunk, cfg.chunk.kv_chunk
+    queries = (q_chunks(q, kh, cq), token_chunks(q_pos, cq), token_chunks(q_seg, cq))
+    block = (kv_chunks(k, ck), kv_chunks(v, ck), token_chunks(kv_pos, ck), token_chunks(kv_seg, ck))
+    return queries, block
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     return _ring_forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
@@ -162,18 +179,18 @@ def _ring(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 def _ring_forward(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     index = lax.axis_index(cfg.axis_name)
-    out0 = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    lse0 = jnp.full_like(out0, -jnp.inf, shape=q.shape[:3])
+    (qc, qpc, qsc), block = _chunked(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
-    def hop(block, acc, _):
+    def hop(block, state, _):
         kb, vb, kpb, ksb = block
-        active = _hop_active(cfg, q_pos, kpb, q_seg, ksb)
+        active = _hop_active(cfg, qpc, kpb, qsc, ksb)
         instrument.record("hop_fwd", index, when=active)
-        # Merged into the running result by LSE inside, chunk by chunk, in place.
-        return flash_forward(q, kb, vb, q_pos, kpb, q_seg, ksb, cfg.chunk, index, *acc, active=active), None
+        # The online softmax simply continues over this hop's keys: the LSE merge is fused in.
+        return flash_forward(qc, kb, vb, qpc, kpb, qsc, ksb, cfg.chunk, index, state, active=active), None
 
-    (out, lse), _ = _ring_loop(cfg, (k, v, kv_pos, kv_seg), ((out0, lse0), None), hop)
-    return out.astype(q.dtype), lse
+    state, _ = _ring_loop(cfg, block, (init_state(qc, *block, qpc, qsc), None), hop)
+    out, lse = finalize(state)
+    return q_unchunk(out, cfg.chunk.q_chunk).astype(q.dtype), stat_unchunk(lse, cfg.chunk.q_chunk)
 
 
 def _ring_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -185,23 +202,28 @@ def _ring_bwd(cfg, res, cts):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cts
     index = lax.axis_index(cfg.axis_name)
+    kh, cq = k.shape[2], cfg.chunk.q_chunk
     # Global output and LSE: p = exp(s - lse) are the final probabilities on every hop.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
-    dq0 = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, delta)
-    dkv0 = (jnp.zeros_like(dq0, shape=k.shape), jnp.zeros_like(dq0, shape=v.shape))
+    delta = stat_chunks(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse, kh, cq)
+    lse = stat_chunks(jnp.where(jnp.isfinite(lse), lse, 0.0), kh, cq)  # rows that saw nothing: any finite shift
+    doc = q_chunks(d_out, kh, cq)
+    (qc, qpc, qsc), block = _chunked(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    dq0 = vary_like(jnp.zeros(qc.shape, jnp.float32), qc, *block, qpc, qsc, doc, delta, lse)
+    dkv0 = (jnp.zeros_like(dq0, shape=block[0].shape), jnp.zeros_like(dq0, shape=block[1].shape))
 
     def hop(block, dq, dkv):
         kb, vb, kpb, ksb = block
-        active = _hop_active(cfg, q_pos, kpb, q_seg, ksb)
+        active = _hop_active(cfg, qpc, kpb, qsc, ksb)
         instrument.record("hop_bwd", index, when=active)
         dq, dk, dv = flash_backward(
-            q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, cfg.chunk, index, dq, *dkv, active=active
+            qc, kb, vb, qpc, kpb, qsc, ksb, doc, lse, delta, cfg.chunk, index, dq, *dkv, active=active
         )
         return dq, (dk, dv)
 
     # The dK/dV accumulator travels with its block and, after N sends, is back on its own shard.
-    dq, (dk, dv) = _ring_loop(cfg, (k, v, kv_pos, kv_seg), (dq0, dkv0), hop)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    dq, (dk, dv) = _ring_loop(cfg, block, (dq0, dkv0), hop)
+    dq = q_unchunk(dq, cq).astype(q.dtype)
+    return dq, kv_unchunk(dk).astype(k.dtype), kv_unchunk(dv).astype(v.dtype), None, None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
