@@ -15,6 +15,7 @@ from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+ATTENTION_KERNELS = ("auto", "jnp", "pallas")  # local kernel of blockwise/ring (attention.choose_kernel)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -121,7 +122,9 @@ class LlamaConfig:
 
     ``head_dim`` may differ from ``hidden_size // num_heads``. ``scan_layers`` stacks the
     decoder layers under one ``layers`` subtree with a leading ``[layers]`` axis;
-    ``remat_policy`` names a `jax.checkpoint` policy applied per layer.
+    ``remat_policy`` names a `jax.checkpoint` policy applied per layer. ``attention_kernel``
+    is the local kernel of blockwise/ring attention: ``jnp`` loops, ``pallas`` kernels, or
+    ``auto`` (Pallas on GPU, jnp elsewhere; `attention.choose_kernel`).
     """
 
     vocab_size: int = 128256
@@ -143,6 +146,7 @@ class LlamaConfig:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     attention_chunk: int = 512
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -181,6 +185,10 @@ class LlamaConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"unknown attention_impl {self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}."
+            )
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"unknown attention_kernel {self.attention_kernel!r}: use one of {', '.join(ATTENTION_KERNELS)}."
             )
 
     @property

@@ -107,6 +107,7 @@ class Attention(nn.Module):
             impl=cfg.attention_impl,
             mesh=self.mesh if layer_cache is None else None,
             chunk_size=cfg.attention_chunk,
+            kernel=cfg.attention_kernel,
         )
         return lora_lib.add_delta(L.project_out(out, o_w.astype(dt)), out, o_ad, self.lora), new_cache
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import model
 from attention import attention, choose_kernel
 from attention.api import AttentionError
 from attention.layout import from_layout, to_layout
@@ -23,6 +24,7 @@ from attention.merge import merge_partials
 from attention.pallas_attention import PallasConfig, pallas_attention, ring_pallas_shard
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.reference import reference_attention
+from model.config import ConfigError
 from sharding import MeshConfig, make_mesh
 
 N, H = 4, 16
@@ -196,3 +198,23 @@ def test_ring_pallas_shard_zigzag_on_eight_devices():
         *(from_layout(x, 8, "zigzag") for x in (q, k, v)), make_mask(nat_pos, nat_pos, nat_seg, nat_seg), SCALE
     )
     np.testing.assert_allclose(from_layout(got[0], 8, "zigzag"), nat[0], atol=1e-5)
+
+
+def test_model_attention_kernel_switch_reaches_the_kernel():
+    """``LlamaConfig.attention_kernel`` reaches `attention`: the tiny model's logits and gradients
+    with Pallas blockwise attention equal the jnp loops' (and a bad name is a config error)."""
+    with pytest.raises(ConfigError, match="unknown attention_kernel 'triton'"):
+        model.preset("tiny", attention_kernel="triton")
+    cfg = model.preset("tiny", attention_impl="blockwise", attention_chunk=8, num_layers=1)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16))
+    params = model.Llama(cfg).init(jax.random.key(0), tokens)["params"]
+
+    def run(kernel):
+        llama = model.Llama(cfg.replace(attention_kernel=kernel))
+        loss = lambda p: jnp.sum(llama.apply({"params": p}, tokens) ** 2) * 1e-3  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (loss_p, grads_p), (loss_j, grads_j) = run("pallas"), run("jnp")
+    np.testing.assert_allclose(loss_p, loss_j, rtol=1e-5)
+    for gp, gj in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_j), strict=True):
+        np.testing.assert_allclose(gp, gj, atol=1e-5, rtol=1e-4)
