@@ -46,7 +46,17 @@ RANK_AXIS = "lora_rank"
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters on the chosen kernels; everything else frozen unless listed trainable."""
+    """Low-rank adapters on the chosen kernels; everything else frozen unless listed trainable.
+
+    Attributes:
+        rank: r, the adapters' inner width (≥ 1).
+        alpha: the update is scaled by alpha / rank.
+        dropout: LoRA dropout on the adapter input; only 0 is supported.
+        targets: adapted kernels, from q, k, v, o, gate, up, down.
+        train_embeddings: also train the token embedding (LongLoRA's "LoRA+").
+        train_norms: also train every RMSNorm scale (LongLoRA's "LoRA+").
+        base_dtype: dtype the frozen base is stored in (null: the model's param_dtype; bfloat16 halves it).
+    """
 
     rank: int = 8
     alpha: float = 16.0

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from model.config import ConfigError, LlamaConfig
+from model.lora import LoraConfig
 from model.presets import PRESETS, preset
 from model.rope import theta_for_length
 from sharding.mesh import MeshConfig, MeshError
@@ -110,6 +111,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = doc("checkpointing", factory=CheckpointConfig)
     eval: EvalConfig = doc("end-of-stage evaluation", factory=EvalConfig)
     export: ExportConfig = doc("export of the final model", factory=ExportConfig)
+    lora: LoraConfig | None = doc(
+        "LoRA adapters on a frozen base instead of full fine-tuning, e.g. {rank: 8, alpha: 16, targets: [q, k, v, o], "
+        "train_embeddings: true, train_norms: true} (LongLoRA's recipe; null: train every parameter)",
+        None,
+    )
     seed: int = doc("seed for init, data order and RNG", 0)
     run_dir: str = doc("where checkpoints, metrics.jsonl, plots and reports go", "runs/default")
     loss_chunk: int = doc("positions per chunk of the chunked cross-entropy", 1024)
