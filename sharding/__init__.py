@@ -4,8 +4,10 @@ mesh = make_mesh(MeshConfig(data=2, sequence=4))
 params = model.init_params(cfg, key, out_shardings=param_shardings(cfg, mesh))
 tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
 plan = plan_memory(cfg, seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
+hops = overlap_plan(seq_len=1 << 20, ring=64, ...)  # ring hop compute vs K/V transfer (sharding.comm)
 """
 
+from sharding.comm import CommError, OverlapPlan, overlap_plan
 from sharding.distributed import (
     DistributedError,
     detect_cluster,
@@ -34,12 +36,14 @@ from sharding.rules import (
 __all__ = [
     "ACTIVATION_RULES",
     "AXES",
+    "CommError",
     "PARAM_RULES",
     "RULES_TABLE",
     "DistributedError",
     "MeshConfig",
     "MemoryPlan",
     "MeshError",
+    "OverlapPlan",
     "PlanError",
     "RulesError",
     "batch_sharding",
@@ -52,6 +56,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "opt_state_shardings",
+    "overlap_plan",
     "param_shardings",
     "plan_memory",
     "process_local_index",

@@ -3,12 +3,15 @@
     python -m sharding plan --preset llama3-8b --seq-len 1048576 --mesh data=1,fsdp=8,sequence=64 \\
         --device-memory 80GiB --remat full --batch 1
 
-Prints the plan table and whether it fits; exits 0 either way, 2 on bad flags.
+Prints the plan table and whether it fits; with a ``sequence`` axis > 1 also each ring hop's
+compute time against its K/V transfer time (`sharding.comm`: ``--device-type``/``--kernel-tflops``,
+``--link``/``--link-gbps``). Exits 0 either way, 2 on bad flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -32,6 +35,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sharding.comm import KERNEL_TFLOPS, LINK_GBYTES
     from sharding.planner import REMATS
 
     p = argparse.ArgumentParser(prog="python -m sharding", description="ringllama sharding tools")
@@ -61,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         help="LongLoRA trains embeddings and norms too; 'none' freezes them (default: embeddings,norms trained)",
     )
     plan.add_argument("--lora-base-dtype", choices=("float32", "bfloat16", "float16"), help="frozen base dtype")
+    plan.add_argument(
+        "--device-type", default="h100", help=f"kernel TFLOP/s table entry ({', '.join(KERNEL_TFLOPS)}), default h100"
+    )
+    plan.add_argument("--kernel-tflops", type=float, help="measured attention kernel TFLOP/s (overrides --device-type)")
+    plan.add_argument(
+        "--link", default="nvlink4", help=f"sequence-axis link ({', '.join(LINK_GBYTES)}), default nvlink4"
+    )
+    plan.add_argument("--link-gbps", type=float, help="one-way sequence-axis link GB/s (overrides --link)")
     return p
 
 
@@ -97,7 +109,8 @@ def _load_config(args):
 
 def run_plan(args) -> int:
     from model.config import ConfigError
-    from sharding.mesh import MeshConfig, MeshError
+    from sharding.comm import CommError, model_overlap_plan, resolve_rates
+    from sharding.mesh import AXES, MeshConfig, MeshError
     from sharding.planner import PlanError, plan_memory
 
     try:
@@ -117,7 +130,11 @@ def run_plan(args) -> int:
             num_devices=args.devices,
             lora=_lora_config(args),
         )
-    except (UsageError, MeshError, PlanError, ConfigError) as exc:
+        known = [getattr(mesh, a) for a in AXES]
+        sizes = dict(zip(AXES, mesh.resolve(args.devices or math.prod(s for s in known if s > 0)), strict=True))
+        tflops, gbytes = resolve_rates(args.device_type, args.kernel_tflops, args.link, args.link_gbps)
+        overlap = model_overlap_plan(cfg, args.seq_len, args.batch, sizes, tflops, gbytes)
+    except (UsageError, MeshError, PlanError, ConfigError, CommError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = args.config or args.preset
@@ -125,6 +142,10 @@ def run_plan(args) -> int:
     print(plan.table(device_bytes))
     if device_bytes is not None:
         print("FITS" if plan.fits(device_bytes) else "DOES NOT FIT")
+    if overlap is not None:
+        if args.kernel_tflops is None:
+            print(f"(kernel TFLOP/s for {args.device_type} is an assumed table value: pass a measured --kernel-tflops)")
+        print(overlap.table())
     return 0
 
 
