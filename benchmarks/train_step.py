@@ -39,7 +39,7 @@ def time_steps(plan, loss_chunk: int, steps: int) -> dict:
     state = init_state(plan.model, plan.optim, jax.random.key(0), mesh)
     step = make_train_step(plan.model, plan.optim, mesh, total_steps=steps + 1, loss_chunk=loss_chunk)
     it = make_iterator(plan.data, stage.seq_len, stage.batch_size, 0, layout=plan.layout,
-                       num_shards=dict(mesh.shape)["sequence"])  # fmt: skip
+                       num_shards=dict(mesh.shape)["sequence"], pose=stage.pose)  # fmt: skip
     batches = [next(it) for _ in range(steps + 1)]
     t0 = time.perf_counter()
     state, metrics = step(state, batches[0])

@@ -12,13 +12,18 @@ from engine_fixtures import BATCH, CFG, DATA, SEQ, host_params, mesh_for, optim_
 
 import model
 from attention.layout import from_layout
+from convert.checkpoint import read_config
 from model.config import ConfigError
+from sharding.mesh import make_mesh
 from train import cli
 from train.config import from_dict, validate
+from train.curriculum import _data_seed, run
 from train.data import make_iterator
+from train.metrics import read_metrics
 from train.packing import pack_documents
 from train.pose import PoseConfig, apply_pose, chunk_positions, draw_chunks, draw_pose_positions, pose_rng
 from train.state import init_state
+from train.step import make_train_step
 
 POSE = PoseConfig(target_length=512, chunks=2)
 
@@ -219,3 +224,57 @@ def test_cli_exits_2_on_a_bad_pose_config_and_leaves_no_run_dir(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "target_length 16 is below" in err and "\n" not in err
     assert not run_dir.exists()
+
+
+@pytest.fixture
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for one test: the by-hand step below then reuses the runner's compile."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def test_curriculum_trains_on_pose_batches_and_writes_the_target_length(tmp_path, compile_cache):
+    """One PoSE stage through `train.run`: its first loss is the step's loss on the PoSE batch, and the
+    final model's config carries max positions T and the θ of the critical rule at T."""
+    raw = {
+        "model": {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2,
+                  "head_dim": 8, "max_position_embeddings": 32, "rope": {"theta": 500.0}},
+        "data": {"sources": [{"kind": "synthetic", "task": "prose"}]},
+        "mesh": {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "stages": [{"name": "pose", "seq_len": 32, "steps": 1, "batch_size": 8, "theta_rule": "critical",
+                    "pose": {"target_length": 256, "chunks": 2}}],
+        "checkpoint": {"every": 0, "keep": 1, "async_save": False},
+        "eval": {"heldout_batches": 0},
+        "loss_chunk": 32,
+        "progress": False,
+        "tensorboard": False,
+    }  # fmt: skip
+    cfg = from_dict(raw)
+    run(cfg, run_dir=str(tmp_path), say=lambda *a: None)
+    logged = [r["loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
+    final = read_config(str(tmp_path / "final"))
+    assert final.max_position_embeddings == 256
+    crit = model.theta_for_length(256, 500.0, 32, head_dim=8, rule="critical")
+    assert final.rope.theta == pytest.approx(crit, rel=1e-12)
+
+    plan = validate(cfg, num_devices=8)[0]
+    mesh = make_mesh(plan.mesh)
+    step = make_train_step(plan.model, plan.optim, mesh, total_steps=1, loss_chunk=32)
+
+    def first_loss(pose):
+        it = make_iterator(plan.data, 32, 8, _data_seed(cfg.seed, 0), pose=pose)
+        state = init_state(plan.model, plan.optim, jax.random.fold_in(jax.random.key(cfg.seed), 0), mesh)
+        return float(step(state, next(it))[1]["loss"])
+
+    assert logged == [first_loss(plan.stage.pose)]
+    assert logged != [first_loss(None)]  # the runner did not train on the packed positions

@@ -4,7 +4,8 @@
     cfg = train.load_config("configs/demo.yaml", ["stages.1.steps=10"])
     result = train.run(cfg, run_dir="runs/demo")          # or: python -m train --config ...
 
-Pieces: the data pipeline (`DataConfig`, `make_iterator`, `heldout_batches`, `pack_documents`),
+Pieces: the data pipeline (`DataConfig`, `make_iterator`, `heldout_batches`, `pack_documents`,
+PoSE positions `PoseConfig` / `pose_batch`),
 the engine (`OptimConfig`, `TrainState`, `init_state`, `make_train_step`, `make_eval_step`,
 `chunked_cross_entropy`, `Checkpointer`, `check_finite`), and the runner (`TrainConfig`,
 `StageConfig`, `validate`, `run`, `MetricsLogger`).
