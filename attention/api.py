@@ -26,8 +26,9 @@ from attention.masks import default_positions, make_mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
 KERNELS = ("auto", "jnp", "pallas")
-# Largest Pallas tile: 128×128 fp32 scores fit a GPU SM's registers/shared memory with head_dim 128.
-PALLAS_MAX_TILE = 128
+# Largest Pallas tiles: 128×128 fp32 scores forward; the backward also keeps dK/dV (or dQ)
+# accumulators per tile, so 64 (as FlashAttention-2's Triton kernels do at head_dim 128).
+PALLAS_MAX_TILE, PALLAS_MAX_TILE_BWD = 128, 64
 # Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
 _DENSE_MAX_KEYS = 1024
 
@@ -79,11 +80,11 @@ def choose_kernel(kernel: str = "auto", platform: str | None = None) -> str:
 
 
 def pallas_config(causal: bool, scale: float, chunk_size: int):
-    """Kernel settings for ``kernel="pallas"``: tiles of ``min(chunk_size, PALLAS_MAX_TILE)``."""
+    """Kernel settings for ``kernel="pallas"``: tiles of ``chunk_size`` capped at the maxima above."""
     from attention.pallas_attention import PallasConfig
 
-    tile = min(chunk_size, PALLAS_MAX_TILE)
-    return PallasConfig(causal=causal, scale=float(scale), block_q=tile, block_k=tile)
+    fwd, bwd = min(chunk_size, PALLAS_MAX_TILE), min(chunk_size, PALLAS_MAX_TILE_BWD)
+    return PallasConfig(causal=causal, scale=float(scale), block_q=fwd, block_k=fwd, block_q_bwd=bwd, block_k_bwd=bwd)
 
 
 def attention(

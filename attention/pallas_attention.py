@@ -31,19 +31,21 @@ from attention.pallas_flash import KV_PAD, Q_PAD, default_interpret, pallas_back
 
 @dataclass(frozen=True)
 class PallasConfig:
-    """Static kernel settings: causal mask, logit scale, tile lengths, interpret mode (None: off GPU/TPU)."""
+    """Static kernel settings: causal mask, logit scale, forward and backward tile lengths, interpret
+    mode (None: on unless on GPU/TPU)."""
 
     causal: bool
     scale: float
     block_q: int = 128
     block_k: int = 128
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
     interpret: bool | None = None
 
-    def kwargs(self) -> dict:
+    def kwargs(self, backward: bool = False) -> dict:
         interpret = default_interpret() if self.interpret is None else self.interpret
-        return dict(
-            causal=self.causal, scale=self.scale, block_q=self.block_q, block_k=self.block_k, interpret=interpret
-        )
+        bq, bk = (self.block_q_bwd, self.block_k_bwd) if backward else (self.block_q, self.block_k)
+        return dict(causal=self.causal, scale=self.scale, block_q=bq, block_k=bk, interpret=interpret)
 
 
 def _delta(out, d_out, d_lse):
@@ -91,7 +93,7 @@ def _attend_bwd(cfg, res, cts):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cts
     dq, dk, dv = pallas_backward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, lse, _delta(out, d_out, d_lse), **cfg.kwargs()
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, lse, _delta(out, d_out, d_lse), **cfg.kwargs(backward=True)
     )
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
@@ -222,7 +224,9 @@ def _ring_bwd(cfg, axis_name, skip, res, cts):
         instrument.record("hop_bwd", index, when=active)
 
         def compute(dq, dk, dv):
-            dq_i, dk_i, dv_i = pallas_backward(q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, **cfg.kwargs())
+            dq_i, dk_i, dv_i = pallas_backward(
+                q, kb, vb, q_pos, kpb, q_seg, ksb, d_out, lse, delta, **cfg.kwargs(backward=True)
+            )
             return dq + dq_i, dk + dk_i, dv + dv_i
 
         dq, dk, dv = lax.cond(active, compute, lambda *acc: acc, dq, *dkv)

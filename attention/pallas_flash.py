@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # Padded query rows and keys carry these positions (the values `attention.flash` uses too):
 # padded queries see no key, padded keys are seen by no query, causal or not.
@@ -213,6 +214,14 @@ def _out_structs(shapes, *inputs):
     return tuple(structs)
 
 
+def _compiler_params(interpret: bool, tile_elems: int):
+    """Triton launch settings on GPU (None elsewhere): 8 warps for 128×128 score tiles, else 4."""
+    if interpret or jax.default_backend() != "gpu":
+        return None
+    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # name before jax 0.7
+    return params(num_warps=8 if tile_elems >= 128 * 128 else 4, num_stages=2)
+
+
 def _blocks(t: int, s: int, block_q: int, block_k: int) -> tuple[int, int]:
     # Power-of-two tiles (Triton needs them); a short sequence gets one tile of its padded length.
     return min(_next_pow2(block_q), _next_pow2(t)), min(_next_pow2(block_k), _next_pow2(s))
@@ -271,6 +280,7 @@ def pallas_forward(
     )
     tp, sp = q.shape[1], k.shape[1]
     inputs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    interpret = default_interpret() if interpret is None else interpret
     kernel = functools.partial(_fwd_kernel, causal=causal, scale=float(scale), block_k=bk)
     q_tile = pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0))
     kv_all = pl.BlockSpec((None, sp, None, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
@@ -282,7 +292,8 @@ def pallas_forward(
         grid=(b, n, tp // bq),
         in_specs=[q_tile, kv_all, kv_all, qrow, krow, qrow, krow],
         out_specs=[q_tile, pl.BlockSpec((None, bq, None), lambda bi, ni, i: (bi, i, ni))],
-        interpret=default_interpret() if interpret is None else interpret,
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, bq * bk),
         name="ringllama_flash_fwd",
     )(*inputs)
     return out[:, :t], lse[:, :t]
@@ -303,14 +314,15 @@ def pallas_backward(
     *,
     causal: bool,
     scale: float,
-    block_q=128,
-    block_k=128,
+    block_q=64,
+    block_k=64,
     interpret=None,
 ):
     """Gradients of `pallas_forward`'s output recomputed tile by tile from a given LSE and delta.
 
     Args:
-        q, k, v, positions, segment ids, causal, scale, tiles, interpret: as for `pallas_forward`.
+        q, k, v, positions, segment ids, causal, scale, tiles, interpret: as for `pallas_forward`
+            (the backward keeps dK/dV or dQ accumulators beside its tiles: smaller tiles, default 64).
         do: output cotangent ``[b, t, n, h]``.
         lse: fp32 ``[b, t, n]`` log-sum-exp of the *complete* attention row (for a ring hop:
             over all hops), so ``p = exp(s - lse)`` are the final probabilities.
@@ -343,6 +355,7 @@ def pallas_backward(
         in_specs=[q_tile, kv_all, kv_all, qrow, krow, qrow, krow, q_tile, stat, stat],
         out_specs=q_tile,
         interpret=interpret,
+        compiler_params=_compiler_params(interpret, bq * bk),
         name="ringllama_flash_dq",
     )(*inputs)
 
@@ -359,6 +372,7 @@ def pallas_backward(
         in_specs=[q_group, kv_tile, kv_tile, qrow_all, krow_tile, qrow_all, krow_tile, q_group, stat_group, stat_group],
         out_specs=[kv_tile, kv_tile],
         interpret=interpret,
+        compiler_params=_compiler_params(interpret, bq * bk),
         name="ringllama_flash_dkv",
     )(*inputs)
     return dq[:, :t], dk[:, :s], dv[:, :s]

@@ -78,7 +78,7 @@ def test_pallas_attention_matches_reference(causal, kv_heads, t, s, permuted, pa
     seg = lambda p: (p >= 13).astype(np.int32) + (p >= 29) if packed else np.zeros_like(p)  # noqa: E731
     q_seg, kv_seg = seg(q_pos), seg(kv_pos)
     q, k, v, d_out, d_lse = _inputs(t, b, t, s, kv_heads)
-    cfg = PallasConfig(causal=causal, scale=SCALE, block_q=tile, block_k=tile)
+    cfg = PallasConfig(causal=causal, scale=SCALE, block_q=tile, block_k=tile, block_q_bwd=tile, block_k_bwd=tile)
     mask = make_mask(q_pos, kv_pos, q_seg, kv_seg, causal)
 
     def both(q, k, v):
@@ -137,7 +137,7 @@ def test_bf16_inputs_keep_fp32_statistics():
     q, k, v, d_out, d_lse = _inputs(3, b, t, t, 2, jnp.bfloat16)
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     zeros = np.zeros_like(pos)
-    cfg = PallasConfig(causal=True, scale=SCALE, block_q=16, block_k=16)
+    cfg = PallasConfig(causal=True, scale=SCALE, block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=8)
     mask = make_mask(pos, pos)
     got = jax.jit(lambda *x: _loss_and_grads(lambda *y: pallas_attention(*y, pos, pos, zeros, zeros, cfg), *x))(
         q, k, v, d_out, d_lse
@@ -182,7 +182,7 @@ def _ring_case(layout, ring=8, t=64, kv_heads=2, packed=True):
 def test_ring_pallas_shard_zigzag_on_eight_devices():
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=8))
     (q, k, v, d_out, d_lse, pos, seg), (nat_pos, nat_seg) = _ring_case("zigzag")
-    cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8)
+    cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
     act, tok, stat = P(None, "sequence", None, None), P(None, "sequence"), P(None, "sequence", None)
     shard = functools.partial(ring_pallas_shard, cfg=cfg)
     # check_vma=False: Pallas's interpret mode does not type its loops' manual axes (jax 0.10).
