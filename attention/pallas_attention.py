@@ -17,6 +17,7 @@ Shape letters: b batch, t query position, s key position, n query heads, k kv he
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -173,7 +174,24 @@ def ring_pallas_shard(
         out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]`` over every shard's keys.
     """
     ints = (x.astype(jnp.int32) for x in (q_positions, kv_positions, q_segment_ids, kv_segment_ids))
-    return _ring(cfg, axis_name, skip_hidden_hops, q, k, v, *ints)
+    return _ring(_half_tiles(cfg, q.shape[1], k.shape[1]), axis_name, skip_hidden_hops, q, k, v, *ints)
+
+
+def _half_tiles(cfg: PallasConfig, t: int, s: int) -> PallasConfig:
+    """Tiles that never span both zigzag halves of a shard (one early, one late chunk of the sequence),
+    so causal tile skipping balances the work: capped at the largest power of two dividing half the block."""
+
+    def cap(tile: int, length: int) -> int:
+        half = length // 2 if length % 2 == 0 and length > 1 else length
+        return min(tile, half & -half)  # largest power of two dividing half
+
+    return dataclasses.replace(
+        cfg,
+        block_q=cap(cfg.block_q, t),
+        block_k=cap(cfg.block_k, s),
+        block_q_bwd=cap(cfg.block_q_bwd, t),
+        block_k_bwd=cap(cfg.block_k_bwd, s),
+    )
 
 
 def _active(cfg, skip, q_pos, kv_pos, q_seg, kv_seg):

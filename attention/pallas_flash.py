@@ -209,8 +209,10 @@ def _out_structs(shapes, *inputs):
             structs.append(jax.ShapeDtypeStruct(shape, dtype))
         elif getattr(like, "manual_axis_type", None) is not None:
             structs.append(jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=like.manual_axis_type))
-        else:
+        elif getattr(like, "vma", None) is not None:
             structs.append(jax.ShapeDtypeStruct(shape, dtype, vma=like.vma))
+        else:
+            structs.append(jax.ShapeDtypeStruct(shape, dtype))
     return tuple(structs)
 
 
