@@ -220,3 +220,71 @@ def test_bad_lora_config_is_one_sentence_exit_2(override, phrase, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and phrase in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    """A persistent XLA cache: the three runs below compile the same programs."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache):
+    """Two stages on an fsdp=2 × tensor=2 × sequence=2 mesh from an --init-from base; a stop + ``--resume --init-from`` run repeats
+    the losses bit for bit; the run writes merged ``final/``, ``lora/`` and ``peft/``."""
+    import convert
+    from convert.peft import load_lora_checkpoint
+    from train.config import from_dict
+    from train.curriculum import run
+    from train.metrics import read_metrics
+
+    cfg_m = CFG.replace(hidden_size=32, intermediate_size=64, head_dim=8, max_position_embeddings=32)
+    base_dir = tmp_path / "base"
+    base = jax.device_get(init_params(cfg_m, jax.random.key(5)))
+    convert.save_checkpoint(base_dir, cfg_m, base)
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"sources": [{"kind": "synthetic", "task": "prose"}]},
+        "mesh": {"data": 1, "fsdp": 2, "tensor": 2, "sequence": 2},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "stages": [
+            {"name": "short", "seq_len": 32, "steps": 2, "batch_size": 4},
+            {"name": "long", "seq_len": 64, "steps": 2, "batch_size": 2, "theta_rule": "critical"},
+        ],
+        "lora": {"rank": 2, "alpha": 4, "targets": ["q", "v", "o"]},
+        "checkpoint": {"every": 1, "keep": 5, "async_save": False},
+        "eval": {"heldout_batches": 1},
+        "loss_chunk": 32,
+        "progress": False,
+        "tensorboard": False,
+    }
+    cfg = from_dict(raw)
+    quiet = lambda *a, **k: None  # noqa: E731
+    losses = lambda d: [r["loss"] for r in read_metrics(str(d / "metrics.jsonl")) if r["kind"] == "train"]  # noqa: E731
+    run(cfg, run_dir=str(tmp_path / "a"), init_from=str(base_dir), say=quiet)
+    run(cfg, run_dir=str(tmp_path / "b"), init_from=str(base_dir), stop_after=3, say=quiet)
+    run(cfg, run_dir=str(tmp_path / "b"), init_from=str(base_dir), resume=True, say=quiet)
+    assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "b") == losses(tmp_path / "a")
+
+    ckpt_bytes = sum(f.stat().st_size for f in (tmp_path / "a" / "checkpoints" / "4").rglob("*") if f.is_file())
+    assert ckpt_bytes < sum(x.nbytes for x in jax.tree.leaves(base))  # adapters + norms + embeddings only
+    _, lora, params, base_name = load_lora_checkpoint(tmp_path / "a" / "lora")
+    assert lora == cfg.lora and base_name == str(base_dir)
+    np.testing.assert_array_equal(
+        params["layers"]["attn"]["k_proj"]["kernel"], base["layers"]["attn"]["k_proj"]["kernel"]
+    )
+    assert np.abs(params["layers"]["attn"]["q_proj"]["lora_b"]).max() > 0  # trained
+    _, final = convert.load_checkpoint(tmp_path / "a" / "final")
+    merged = lora_lib.merge(params, lora)
+    np.testing.assert_allclose(final["layers"]["attn"]["q_proj"]["kernel"], merged["layers"]["attn"]["q_proj"]["kernel"],
+                               atol=1e-6)  # fmt: skip
+    assert (tmp_path / "a" / "peft" / "adapter_model.safetensors").is_file()

@@ -96,9 +96,10 @@ def run(
     lead = jax.process_index() == 0
     say = say if lead else (lambda *a, **k: None)
     ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    if resume and init_from:
+    if resume and init_from and cfg.lora is None:
         raise ConfigError(
-            "--resume and --init-from are exclusive: a resumed run takes its weights from its checkpoint."
+            "--resume and --init-from are exclusive: a resumed run takes its weights from its checkpoint "
+            "(only a LoRA run takes --init-from on --resume, for its frozen base)."
         )
 
     meta: dict[str, Any] | None = None
@@ -115,7 +116,7 @@ def run(
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             fh.write(dump_config(cfg))
         if not resume:  # a fresh run must not resume, keep-N or report against an older one in the same place
-            for stale in ("checkpoints", "final", "hf", "passkey", "report.json", "loss.png"):
+            for stale in ("checkpoints", "final", "hf", "lora", "peft", "passkey", "report.json", "loss.png"):
                 path = os.path.join(run_dir, stale)
                 shutil.rmtree(path) if os.path.isdir(path) else (os.remove(path) if os.path.exists(path) else None)
     _barrier("run_dir")
@@ -141,13 +142,17 @@ def run(
             stage = plan.stage
             say(_stage_banner(plan))
             if state is None and meta is not None:
-                state, _ = ckptr.restore(global_step, abstract_state(plan.model, plan.optim, mesh))
+                state, _ = ckptr.restore(global_step, abstract_state(plan.model, plan.optim, mesh, cfg.lora))
+                if cfg.lora is not None:  # LoRA checkpoints hold no base: re-attach it
+                    state = state.replace(frozen=_lora_base(cfg, init_from, plan, mesh, rng, say))
             elif state is None:
                 key = jax.random.wrap_key_data(jnp.asarray(rng))
                 params = init_from_model(init_from, plan, mesh, say) if init_from else None
-                state = init_state(plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params)
+                state = init_state(
+                    plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params, lora=cfg.lora
+                )
             else:
-                state = move_state(state, prev_plan, plan, mesh, say)
+                state = move_state(state, prev_plan, plan, mesh, say, lora=cfg.lora)
             if stage_step < stage.steps:
                 resume_data = meta["data_state"] if meta is not None and stage_step > 0 else None
                 state, global_step, stage_step, last_saved = _train_stage(
@@ -158,15 +163,18 @@ def run(
             if stage_step < stage.steps or (stop_after is not None and global_step >= stop_after and more):
                 ckptr.wait()
                 say(f"stopped after global step {global_step} as asked (--stop-after); continue with --resume.")
-                return reporter.finish(state, plan, mesh, global_step, stopped=True)
+                return reporter.finish(_merged_view(state, plan, mesh, cfg), plan, mesh, global_step, stopped=True)
             if not reporter.has_stage(plan.name):
                 nxt = plans[plan.index + 1] if plan.index + 1 < len(plans) else None
-                for record in reporter.end_of_stage(state, plan, nxt, mesh, global_step):
+                for record in reporter.end_of_stage(_merged_view(state, plan, mesh, cfg), plan, nxt, mesh, global_step):
                     logger.log(record)
             prev_plan, stage_step, meta = plan, 0, None
         ckptr.wait()
         final = plans[-1]
-        result = reporter.finish(state, final, make_mesh(final.mesh), global_step, stopped=False)
+        result = reporter.finish(_merged_view(state, final, mesh, cfg), final, make_mesh(final.mesh), global_step,
+                                 stopped=False)  # fmt: skip
+        if cfg.lora is not None and lead:
+            _save_lora(run_dir, final, cfg.lora, state, init_from, say)
     finally:
         ckptr.close()
         logger.close()
@@ -181,7 +189,9 @@ def _train_stage(
 ):  # fmt: skip
     """Train ``plan`` from ``stage_step`` to its end (or to ``stop_after``); returns the loop counters."""
     stage = plan.stage
-    step_fn = make_train_step(plan.model, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk)
+    step_fn = make_train_step(
+        plan.model, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk, lora=cfg.lora
+    )
     it = make_iterator(
         plan.data,
         stage.seq_len,
@@ -278,6 +288,39 @@ def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, dat
     }
     json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
     ckptr.save(global_step, state, meta)
+
+
+def _lora_base(cfg: TrainConfig, init_from: str | None, plan: StagePlan, mesh, rng, say):
+    """The frozen base of a resumed LoRA run: ``--init-from`` again, or the seed's random base (as at the start)."""
+    from train.state import frozen_params
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rng)), 0)  # the key init_state was given
+    base = init_from_model(init_from, plan, mesh, say) if init_from else None
+    return frozen_params(plan.model, cfg.lora, mesh, base=base, key=key)
+
+
+def _merged_view(state, plan: StagePlan, mesh, cfg: TrainConfig):
+    """What evaluation and export read: a LoRA state's merged base-model params (W + (α/r)·A·B)."""
+    if cfg.lora is None:
+        return state
+    from train.state import merged_params
+
+    return state.replace(params=merged_params(state, plan.model, cfg.lora, mesh), frozen=None)
+
+
+def _save_lora(run_dir: str, plan: StagePlan, lora, state, init_from: str | None, say) -> None:
+    """``<run_dir>/lora`` (ringllama LoRA checkpoint) and ``<run_dir>/peft`` (PEFT adapter directory)."""
+    from convert.names import ConversionError
+    from convert.peft import save_lora_checkpoint, save_peft
+    from train.state import full_params
+
+    params = jax.device_get(full_params(state))
+    save_lora_checkpoint(os.path.join(run_dir, "lora"), plan.model, lora, params, base_model_name_or_path=init_from)
+    try:
+        save_peft(os.path.join(run_dir, "peft"), plan.model, lora, params, init_from)
+        say(f"LoRA adapters: {run_dir}/lora (ringllama) and {run_dir}/peft (PEFT)")
+    except ConversionError as exc:
+        say(f"LoRA adapters: {run_dir}/lora (ringllama); no PEFT directory: {exc}")
 
 
 def _stage_banner(plan: StagePlan) -> str:

@@ -49,7 +49,8 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print, num_device
     for plan in plans:
         remat = plan.model.remat_policy
         report = plan_memory(plan.model, seq_len=plan.stage.seq_len, batch=plan.stage.batch_size, mesh=plan.mesh,
-                             remat=remat, loss_chunk=cfg.loss_chunk, num_devices=num_devices)  # fmt: skip
+                             remat=remat, loss_chunk=cfg.loss_chunk, num_devices=num_devices,
+                             lora=cfg.lora)  # fmt: skip
         total = int(report.total)
         rows.append({"stage": plan.name, "per_device_bytes": total, "limit_bytes": limit})
         text = f"{plan.name}: planner estimates {total / GIB:.2f} GiB per device"
@@ -87,13 +88,14 @@ def init_from_model(path: str, plan: StagePlan, mesh: Mesh, say=print):
     return params
 
 
-def move_state(state: TrainState, prev: StagePlan, plan: StagePlan, mesh: Mesh, say=print) -> TrainState:
+def move_state(state: TrainState, prev: StagePlan, plan: StagePlan, mesh: Mesh, say=print, lora=None) -> TrainState:
     """The previous stage's state on ``plan``'s mesh: params kept, moments kept or reset, step 0.
 
     Adam's moments carry over only when ``carry_optimizer_state`` is set and the optimizer state has
     the same structure (e.g. weight decay switched on or off changes it: then they restart, and we say so).
+    A LoRA state (``lora``) keeps its frozen base, resharded like the rest.
     """
-    sh = state_shardings(plan.model, plan.optim, mesh)
+    sh = state_shardings(plan.model, plan.optim, mesh, lora)
     params = jax.device_put(state.params, sh.params)  # a no-op on the same mesh; a reshard otherwise
     carry = plan.stage.carry_optimizer_state
     if carry and jax.tree.structure(state.opt_state) != jax.tree.structure(sh.opt_state):
@@ -101,4 +103,5 @@ def move_state(state: TrainState, prev: StagePlan, plan: StagePlan, mesh: Mesh, 
         carry = False
     opt_state = jax.device_put(state.opt_state, sh.opt_state) if carry else init_opt_state(params, plan.optim, sh)
     step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-    return TrainState(params=params, opt_state=opt_state, step=step)
+    frozen = None if state.frozen is None else jax.device_put(state.frozen, sh.frozen)
+    return TrainState(params=params, opt_state=opt_state, step=step, frozen=frozen)
