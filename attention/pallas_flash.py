@@ -21,7 +21,9 @@ Kernels (one program per tile, online softmax in fp32, bf16/fp32 inputs):
 
 A tile pair that the mask hides entirely (causal future, disjoint segment ranges, padding;
 decided from the tiles' position and segment ranges) takes the identity branch of a
-``lax.cond``: no FLOPs. Off GPU/TPU the kernels run in Pallas interpret mode.
+``lax.cond``: no FLOPs. Off GPU/TPU the kernels run in Pallas interpret mode, where
+`attention.instrument` can count the tile pairs each kernel really computed (``tile_fwd``,
+``tile_dq``, ``tile_dkv``; nothing is emitted outside `instrument.count_work`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from attention import instrument
 
 # Padded query rows and keys carry these positions (the values `attention.flash` uses too):
 # padded queries see no key, padded keys are seen by no query, causal or not.
@@ -96,6 +100,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
 
         def compute(carry):
             acc, m, denom = carry
+            instrument.record("tile_fwd", None)
             k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, h]
             s = _dot(q, k, 1, 1) * scale  # [bq, bk]
             s = jnp.where(_tile_mask(qp, kp, qs, ks, causal), s, -jnp.inf)
@@ -131,6 +136,7 @@ def _dq_kernel(
         kp, ks = kp_ref[tile], ks_ref[tile]
 
         def compute(dq):
+            instrument.record("tile_dq", None)
             k, v = k_ref[tile, :], v_ref[tile, :]
             s = _dot(q, k, 1, 1) * scale
             p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
@@ -173,6 +179,7 @@ def _dkv_kernel(
 
             def compute(carry):
                 dk, dv = carry
+                instrument.record("tile_dkv", None)
                 q, do = q_ref[tile, gi, :], do_ref[tile, gi, :]  # [bq, h]
                 lse, delta = lse_ref[tile, gi], delta_ref[tile, gi]
                 lse = jnp.where(lse > -jnp.inf, lse, 0.0)

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import model
-from attention import attention, choose_kernel
+from attention import attention, choose_kernel, instrument
 from attention.api import AttentionError
 from attention.layout import from_layout, to_layout
 from attention.masks import make_mask
@@ -218,3 +218,23 @@ def test_model_attention_kernel_switch_reaches_the_kernel():
     np.testing.assert_allclose(loss_p, loss_j, rtol=1e-5)
     for gp, gj in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_j), strict=True):
         np.testing.assert_allclose(gp, gj, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_tiles_are_skipped_not_computed():
+    """Causal, 4 query × 4 key tiles of 8, 2 query heads on 1 kv head: only the 10 tile pairs on or
+    below the diagonal run, per head (20) in the forward, dq and dk/dv kernels; two documents that
+    split the sequence in halves leave 6 per head (the diagonal blocks of each document)."""
+    q, k, v, d_out, _ = _inputs(2, 1, 32, 32, 1)
+    q, k, v, d_out = q[:, :, :2], k, v, d_out[:, :, :2]
+    pos = np.arange(32, dtype=np.int32)[None]
+
+    def counts(seg):
+        cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
+        with instrument.count_work() as c:
+            fn = jax.jit(lambda *x: jax.vjp(lambda *y: pallas_attention(*y, pos, pos, seg, seg, cfg)[0], *x)[1](d_out))
+            jax.block_until_ready(fn(q, k, v))
+            jax.effects_barrier()
+        return c[("tile_fwd", 0)], c[("tile_dq", 0)], c[("tile_dkv", 0)]
+
+    assert counts(np.zeros_like(pos)) == (20, 20, 20)
+    assert counts((pos >= 16).astype(np.int32)) == (12, 12, 12)
