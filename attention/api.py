@@ -26,9 +26,6 @@ from attention.masks import default_positions, make_mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
 KERNELS = ("auto", "jnp", "pallas")
-# Largest Pallas tiles: 128×128 fp32 scores forward; the backward also keeps dK/dV (or dQ)
-# accumulators per tile, so 64 (as FlashAttention-2's Triton kernels do at head_dim 128).
-PALLAS_MAX_TILE, PALLAS_MAX_TILE_BWD = 128, 64
 # Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
 _DENSE_MAX_KEYS = 1024
 
@@ -77,14 +74,6 @@ def choose_kernel(kernel: str = "auto", platform: str | None = None) -> str:
     if kernel != "auto":
         return kernel
     return "pallas" if (platform or jax.default_backend()) == "gpu" else "jnp"
-
-
-def pallas_config(causal: bool, scale: float, chunk_size: int):
-    """Kernel settings for ``kernel="pallas"``: tiles of ``chunk_size`` capped at the maxima above."""
-    from attention.pallas_attention import PallasConfig
-
-    fwd, bwd = min(chunk_size, PALLAS_MAX_TILE), min(chunk_size, PALLAS_MAX_TILE_BWD)
-    return PallasConfig(causal=causal, scale=float(scale), block_q=fwd, block_k=fwd, block_q_bwd=bwd, block_k_bwd=bwd)
 
 
 def attention(
@@ -183,11 +172,11 @@ def attention(
             skip_future_hops=skip_future_hops,
         )
     if impl == "blockwise" and kernel == "pallas":
-        from attention.pallas_attention import pallas_attention
+        from attention.pallas_attention import PallasConfig, pallas_attention
 
         q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
         kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-        cfg = pallas_config(causal, scale, chunk_size)
+        cfg = PallasConfig.for_chunk(causal, scale, chunk_size)
         return pallas_attention(q, k, v, q_positions, kv_positions, q_seg, kv_seg, cfg)[0]
     if impl == "blockwise":
         from attention.blockwise import blockwise_attention

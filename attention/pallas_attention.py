@@ -29,6 +29,10 @@ from attention import instrument
 from attention.merge import merge_partials
 from attention.pallas_flash import KV_PAD, Q_PAD, default_interpret, pallas_backward, pallas_forward
 
+# Largest tiles: 128×128 fp32 scores forward; the backward also keeps dK/dV (or dQ) accumulators
+# per tile, so 64 (as FlashAttention-2's Triton kernels do at head_dim 128).
+MAX_TILE, MAX_TILE_BWD = 128, 64
+
 
 @dataclass(frozen=True)
 class PallasConfig:
@@ -42,6 +46,12 @@ class PallasConfig:
     block_q_bwd: int = 64
     block_k_bwd: int = 64
     interpret: bool | None = None
+
+    @classmethod
+    def for_chunk(cls, causal: bool, scale: float, chunk_size: int) -> PallasConfig:
+        """The settings for a blockwise/ring ``chunk_size``: tiles of it, capped at the maxima above."""
+        fwd, bwd = min(chunk_size, MAX_TILE), min(chunk_size, MAX_TILE_BWD)
+        return cls(causal=causal, scale=float(scale), block_q=fwd, block_k=fwd, block_q_bwd=bwd, block_k_bwd=bwd)
 
     def kwargs(self, backward: bool = False) -> dict:
         interpret = default_interpret() if self.interpret is None else self.interpret
