@@ -16,7 +16,7 @@ from convert.checkpoint import read_config
 from model.config import ConfigError
 from sharding.mesh import make_mesh
 from train import cli
-from train.config import from_dict, validate
+from train.config import dump_config, from_dict, validate
 from train.curriculum import _data_seed, run
 from train.data import make_iterator
 from train.metrics import read_metrics
@@ -99,14 +99,16 @@ def test_iterator_redraws_only_positions_in_every_layout_and_host_slice():
     plain = make_iterator(DATA, SEQ, BATCH, 0)
     pose = make_iterator(DATA, SEQ, BATCH, 0, pose=POSE)
     zig = make_iterator(DATA, SEQ, BATCH, 0, pose=POSE, layout="zigzag", num_shards=4)
+    striped = make_iterator(DATA, SEQ, BATCH, 0, pose=POSE, layout="striped", num_shards=4)
     hosts = [make_iterator(DATA, SEQ, BATCH, 0, pose=POSE, process_index=p, process_count=2) for p in (0, 1)]
     for b in range(3):
-        ref, got, z = next(plain), next(pose), next(zig)
+        ref, got, z, st = next(plain), next(pose), next(zig), next(striped)
         halves = [next(h) for h in hosts]
         want = apply_pose(ref, draw_pose_positions(pose_rng(0, b), SEQ, POSE.target_length, POSE.chunks, BATCH))
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
             np.testing.assert_array_equal(from_layout(z[key], 4, "zigzag"), want[key])
+            np.testing.assert_array_equal(from_layout(st[key], 4, "striped"), want[key])
             np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), want[key])
         assert not np.array_equal(got["positions"], ref["positions"]) and got["positions"].max() < POSE.target_length
 
@@ -185,7 +187,9 @@ BASE = {
 
 
 def test_theta_rules_and_max_positions_use_the_target_length():
-    plans = validate(from_dict(BASE), num_devices=8)
+    cfg = from_dict(BASE)
+    assert from_dict(yaml.safe_load(dump_config(cfg))) == cfg  # the run dir's config.yaml reloads the pose
+    plans = validate(cfg, num_devices=8)
     assert plans[1].stage.pose == PoseConfig(target_length=512, chunks=2)
     crit = model.theta_for_length(512, 1000.0, 64, head_dim=CFG.head_dim, rule="critical")
     assert plans[1].model.rope.theta == pytest.approx(crit, rel=1e-12) and crit > 1000.0
