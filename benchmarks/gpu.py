@@ -14,8 +14,9 @@ Parts, all on one device, printed as one table and written to ``OUT_DIR/gpu_benc
     full remat: tokens/s and MFU (model FLOPs of `train.flops` over the bf16 dense peak of
     `train.metrics`). Target ≥ 40%.
 (c) the longest sequence whose train step fits the GPU (batch 1, full remat), trying 256K, 128K,
-    64K, 32K: compiled with abstract inputs first, the first one whose `memory_analysis` fits is
-    run for one real step. Target ≥ 128K.
+    64K, 32K: lengths the memory planner (`sharding.planner`) says will not fit are skipped, the
+    first one it accepts runs one real step (an out-of-memory error moves down a length).
+    Target ≥ 128K.
 
 The measured Pallas TFLOP/s at the longest length is printed as the ``--kernel-tflops`` to give
 ``python -m sharding plan`` (`sharding.comm`). The GPU image has no ``datasets``: importing it is
@@ -24,13 +25,16 @@ blocked here, so the smoke run proves the script does not need it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 sys.modules.setdefault("datasets", None)  # the GPU image lacks it: any import of it fails here too
+# "Fits one GPU" means the device's memory, not JAX's default 75% preallocation.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,10 +44,11 @@ import numpy as np  # noqa: E402
 import model  # noqa: E402
 from attention import attention  # noqa: E402
 from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
+from sharding.planner import plan_memory  # noqa: E402
 from train.flops import train_step_flops  # noqa: E402
 from train.metrics import device_peak_tflops, mfu  # noqa: E402
 from train.optim import OptimConfig  # noqa: E402
-from train.state import abstract_state, init_state, state_shardings  # noqa: E402
+from train.state import init_state  # noqa: E402
 from train.step import BATCH_KEYS, make_train_step  # noqa: E402
 
 FULL = dict(seqs=(8192, 16384, 32768), heads=32, kv_heads=8, head_dim=128, reps=5, model="llama3.2-1b",
@@ -154,47 +159,37 @@ def bench_train_step(sizes: dict, on_gpu: bool) -> dict:
                 loss=float(metrics["loss"]))  # fmt: skip
 
 
-def _fits(cfg, optim, mesh, seq: int) -> tuple[bool | None, float | None]:
-    """(predicted to fit, predicted GiB) from the compiled step's memory analysis (None: unknown)."""
-    step = make_train_step(cfg, optim, mesh, total_steps=2, donate=True)
-    shapes = {k: jax.ShapeDtypeStruct((1, seq), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
-    state = abstract_state(cfg, optim, mesh)
-    shardings = state_shardings(cfg, optim, mesh)
-    compiled = jax.jit(step.step_fn, in_shardings=(shardings, None), donate_argnums=0).lower(state, shapes).compile()
-    stats = jax.devices()[0].memory_stats() or {}
-    analysis = compiled.memory_analysis()
-    if analysis is None or "bytes_limit" not in stats:
-        return None, None
-    need = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-    need -= analysis.alias_size_in_bytes
-    return need <= stats["bytes_limit"], need / 2**30
-
-
 def bench_longest(sizes: dict, on_gpu: bool, deadline: float) -> dict:
+    """Longest candidate whose train step runs: the memory planner skips lengths it predicts will not
+    fit (one compile each would cost minutes), then one real step decides."""
     cfg = _train_cfg(sizes["model"], on_gpu)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), devices=jax.devices()[:1])
+    mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=1, sequence=1)
+    mesh = make_mesh(mesh_cfg, devices=jax.devices()[:1])
     optim = OptimConfig()
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     tried = []
     for seq in sizes["longest"]:
         if time.monotonic() > deadline:
             tried.append(dict(seq=seq, status="skipped: time budget"))
             continue
         cfg_seq = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, seq))
+        planned = plan_memory(cfg_seq, seq, 1, mesh_cfg, "full", num_devices=1)
+        gib = planned.total / 2**30
+        if limit is not None and not planned.fits(limit):
+            tried.append(dict(seq=seq, status="planner: does not fit", planned_gib=gib))
+            continue
         try:
-            fits, gib = _fits(cfg_seq, optim, mesh, seq)
-            if fits is False:
-                tried.append(dict(seq=seq, status="predicted not to fit", predicted_gib=gib))
-                continue
             state = init_state(cfg_seq, optim, jax.random.key(0), mesh)
             step = make_train_step(cfg_seq, optim, mesh, total_steps=2)
             t0 = time.perf_counter()
             state, metrics = step(state, _step_inputs(cfg_seq, seq, mesh))
             jax.block_until_ready(metrics)
-            tried.append(dict(seq=seq, status="ran", predicted_gib=gib, first_step_s=time.perf_counter() - t0))
+            tried.append(dict(seq=seq, status="ran", planned_gib=gib, first_step_s=time.perf_counter() - t0))
             del state
             return dict(part="c", model=sizes["model"], status="ok", longest=seq, tried=tried)
         except Exception as exc:  # out of memory at compile or run time: try the next length down
-            tried.append(dict(seq=seq, status=f"failed: {type(exc).__name__}: {exc}"[:300]))
+            tried.append(dict(seq=seq, status=f"failed: {type(exc).__name__}: {exc}"[:300], planned_gib=gib))
+            gc.collect()  # drop the failed attempt's buffers before the next length
     return dict(part="c", model=sizes["model"], status="none fit", longest=None, tried=tried)
 
 
