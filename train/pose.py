@@ -53,7 +53,7 @@ class PoseConfig:
 def check_pose(pose: PoseConfig, seq_len: int, where: str = "pose") -> None:
     """Raise a one-sentence `ConfigError` unless ``pose`` fits a window of ``seq_len`` tokens."""
     if pose.chunks < 1:
-        raise ConfigError(f"{where}.chunks must be ≥ 1, got {pose.chunks}: PoSE uses 2 chunks.")
+        raise ConfigError(f"{where}.chunks must be ≥ 1, got {pose.chunks}: use 2 (the paper's setting).")
     if pose.chunks > seq_len:
         raise ConfigError(
             f"{where}.chunks {pose.chunks} exceeds the seq_len {seq_len}: every chunk needs a token; use fewer."
