@@ -7,6 +7,9 @@ emulated 8-device mesh (data=2 × sequence=4, zigzag ring attention) at each dem
 (seq_len, batch): tokens/s over ``--steps`` steps after one warm-up, and MFU against the
 nominal CPU peak of `train.metrics` (model FLOPs from `train.flops`).
 
+With ``--lora-rank R`` each stage is timed twice, full fine-tuning and LoRA (rank R on
+``--lora-targets``, embeddings and norms trained as in LongLoRA), from the same base and batches.
+
 Part 2 lowers and compiles the same step for the demo model at 2 and 32 layers, with layers
 under ``lax.scan`` and unrolled, on abstract inputs (nothing is initialised), and reports the
 compile wall time: scanning keeps it flat in depth, unrolling grows with it.
@@ -22,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from model.lora import LoraConfig
 from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding
 from train.config import load_config, validate
@@ -32,12 +36,12 @@ from train.state import abstract_state, init_state, state_shardings
 from train.step import BATCH_KEYS, make_train_step
 
 
-def time_steps(plan, loss_chunk: int, steps: int) -> dict:
+def time_steps(plan, loss_chunk: int, steps: int, lora: LoraConfig | None = None) -> dict:
     """Tokens/s and MFU of the stage's train step (after one warm-up step that compiles)."""
     mesh = make_mesh(plan.mesh)
     stage = plan.stage
-    state = init_state(plan.model, plan.optim, jax.random.key(0), mesh)
-    step = make_train_step(plan.model, plan.optim, mesh, total_steps=steps + 1, loss_chunk=loss_chunk)
+    state = init_state(plan.model, plan.optim, jax.random.key(0), mesh, lora=lora)
+    step = make_train_step(plan.model, plan.optim, mesh, total_steps=steps + 1, loss_chunk=loss_chunk, lora=lora)
     it = make_iterator(plan.data, stage.seq_len, stage.batch_size, 0, layout=plan.layout,
                        num_shards=dict(mesh.shape)["sequence"], pose=stage.pose)  # fmt: skip
     batches = [next(it) for _ in range(steps + 1)]
@@ -55,6 +59,7 @@ def time_steps(plan, loss_chunk: int, steps: int) -> dict:
     flops = train_step_flops(plan.model, stage.seq_len, stage.batch_size)
     return {
         "stage": plan.name,
+        "mode": "full" if lora is None else f"lora r={lora.rank} {','.join(lora.targets)}",
         "seq_len": stage.seq_len,
         "batch": stage.batch_size,
         "first_step_s": first,
@@ -91,20 +96,31 @@ def main() -> None:
     parser.add_argument("--layers", default="2,32")
     parser.add_argument("--no-unscanned", action="store_true", help="skip the unrolled compiles")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--stages", help="comma-separated stage names to time (default: all)")
+    parser.add_argument("--lora-rank", type=int, help="also time LoRA at this rank beside full fine-tuning")
+    parser.add_argument("--lora-targets", default="q,k,v,o", help="LoRA targets (default q,k,v,o)")
+    parser.add_argument("--no-compile", action="store_true", help="skip part 2 (compile time vs depth)")
     args = parser.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     plans = validate(cfg, jax.device_count())
-    rows = [time_steps(p, cfg.loss_chunk, args.steps) for p in plans]
+    if args.stages:
+        plans = [p for p in plans if p.name in args.stages.split(",")]
+    modes = [None]
+    if args.lora_rank:
+        modes.append(LoraConfig(rank=args.lora_rank, targets=tuple(args.lora_targets.split(","))))
+    rows = [time_steps(p, cfg.loss_chunk, args.steps, lora) for p in plans for lora in modes]
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; load average {os.getloadavg()[0]:.1f}")
-    print("| stage | seq × batch | step (s) | CPU s/step | tokens/s | model GFLOP/step | MFU (CPU nominal) "
+    print("| stage | mode | seq × batch | step (s) | CPU s/step | tokens/s | model GFLOP/step | MFU (CPU nominal) "
           "| first step (s) |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['stage']} | {r['seq_len']} × {r['batch']} | {r['step_s']:.3f} | {r['cpu_s_per_step']:.3f} | "
+        print(f"| {r['stage']} | {r['mode']} | {r['seq_len']} × {r['batch']} | {r['step_s']:.3f} | "
+              f"{r['cpu_s_per_step']:.3f} | "
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['model_gflop_per_step']:.2f} | {r['mfu']:.2%} | {r['first_step_s']:.1f} |")  # fmt: skip
     compiles = []
-    for scan in (True,) if args.no_unscanned else (True, False):
+    for scan in () if args.no_compile else (True,) if args.no_unscanned else (True, False):
         for n in (int(x) for x in args.layers.split(",")):
             s = compile_time(plans[0], n, scan, cfg.loss_chunk)
             compiles.append({"layers": n, "scan_layers": scan, "compile_s": s})

@@ -288,3 +288,39 @@ def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache
     np.testing.assert_allclose(final["layers"]["attn"]["q_proj"]["kernel"], merged["layers"]["attn"]["q_proj"]["kernel"],
                                atol=1e-6)  # fmt: skip
     assert (tmp_path / "a" / "peft" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [lora_lib.LoraConfig(rank=8), lora_lib.LoraConfig(rank=8, train_embeddings=False, train_norms=False,
+                                                      base_dtype="bfloat16")],
+    ids=["longlora", "adapters-bf16-base"],
+)  # fmt: skip
+def test_planner_counts_lora_like_xla(lora):
+    """The planner's LoRA state (params + moments + batch) within 5% of the compiled step's arguments, the total
+    within 25% (the tolerances of tests/test_planner.py), and far below the full fine-tune's state."""
+    from sharding.mesh import MeshConfig, make_mesh
+    from sharding.planner import plan_memory
+    from sharding.rules import batch_sharding
+    from train.optim import OptimConfig
+    from train.state import state_shardings
+    from train.step import BATCH_KEYS
+
+    cfg = CFG.replace(remat_policy="full")
+    mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2, sequence=1)
+    mesh = make_mesh(mesh_cfg)
+    optim, (b, t) = OptimConfig(), (8, 128)
+    step = make_train_step(cfg, optim, mesh, total_steps=4, loss_chunk=64, lora=lora)
+    sh = state_shardings(cfg, optim, mesh, lora)
+    state = abstract_state(cfg, optim, mesh, lora, with_frozen=True)
+    batch = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "loss_mask" else np.int32,
+                                     sharding=batch_sharding(mesh, (b, t))) for k in BATCH_KEYS}  # fmt: skip
+    jitted = jax.jit(step.step_fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}),
+                     out_shardings=(sh, None), donate_argnums=(0,))  # fmt: skip
+    mem = jitted.lower(state, batch).compile().memory_analysis()
+    plan = plan_memory(cfg, t, b, mesh_cfg, "full", loss_chunk=64, lora=lora)
+    assert np.isclose(plan.state, mem.argument_size_in_bytes, rtol=0.05)
+    xla_total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    assert np.isclose(plan.total, xla_total, rtol=0.25)
+    full = plan_memory(cfg, t, b, mesh_cfg, "full", loss_chunk=64)
+    assert plan.optimizer < full.optimizer / 2 and plan.grads < full.grads / 2

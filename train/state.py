@@ -80,11 +80,17 @@ def state_shardings(
 
 
 def abstract_state(
-    model_cfg: LlamaConfig, optim_cfg: OptimConfig, mesh: Mesh, lora: lora_lib.LoraConfig | None = None
+    model_cfg: LlamaConfig,
+    optim_cfg: OptimConfig,
+    mesh: Mesh,
+    lora: lora_lib.LoraConfig | None = None,
+    *,
+    with_frozen: bool = False,
 ) -> TrainState:
     """The state as ``jax.ShapeDtypeStruct`` leaves carrying ``mesh``'s shardings (a restore target).
 
-    ``frozen`` is None: checkpoints do not hold the LoRA base (attach it with `frozen_params`).
+    ``frozen`` is None — checkpoints do not hold the LoRA base (attach it with `frozen_params`) —
+    unless ``with_frozen`` (e.g. to lower a LoRA train step on abstract inputs).
     """
     tx = make_optimizer(optim_cfg)
     params_abs, _ = _split_trees(model_cfg, lora, _unboxed_abstract_params(model_cfg, lora))
@@ -93,7 +99,11 @@ def abstract_state(
         opt_state=jax.eval_shape(tx.init, params_abs),
         step=jax.ShapeDtypeStruct((), jnp.int32),
     )
-    shardings = state_shardings(model_cfg, optim_cfg, mesh, lora).replace(frozen=None)
+    shardings = state_shardings(model_cfg, optim_cfg, mesh, lora)
+    if with_frozen and lora is not None:
+        shapes = shapes.replace(frozen=_frozen_abstract(model_cfg, lora))
+    else:
+        shardings = shardings.replace(frozen=None)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
