@@ -112,6 +112,44 @@ def plot_accuracy_vs_length(path: str, by_length: Sequence[dict]) -> None:
     plt.close(fig)
 
 
+def plot_extension(path: str, series: dict[str, dict], title: str = "passkey accuracy vs context length") -> str:
+    """Accuracy vs context length, one line per model, each model's training length marked.
+
+    Args:
+        path: the PNG to write (atomically).
+        series: ``{label: {"accuracy": {length: score}, "trained_length": int | None}}``, in legend order.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=HEATMAP_SIZE, dpi=HEATMAP_DPI)
+    lengths = sorted({int(n) for s in series.values() for n in s["accuracy"]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, s) in enumerate(series.items()):
+        pts = sorted((int(n), v) for n, v in s["accuracy"].items())
+        color = colors[i % len(colors)]
+        trained = s.get("trained_length")
+        name = f"{label} (trained at {format_length(trained)})" if trained else label
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=name)
+        if trained:
+            ax.axvline(trained, color=color, ls=":", lw=1.2)
+            acc = dict(pts).get(int(trained))
+            if acc is not None:  # a star where the model is scored at its own training length
+                ax.plot([trained], [acc], marker="*", ms=16, color=color, mec="black", zorder=5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [format_length(n) for n in lengths])
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("context length (tokens); dotted line and star: the length each model was trained at")
+    ax.set_ylabel("passkey accuracy (teacher-forced)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=HEATMAP_DPI)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_perplexity(path: str, records: Sequence[dict]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=HEATMAP_SIZE, dpi=HEATMAP_DPI)

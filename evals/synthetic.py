@@ -33,6 +33,9 @@ PASSKEY_INTRO = (
     "I will quiz you about the important information there."
 )
 PASSKEY_QUESTION = "What is the pass key?"
+# "classic": the intro, then filler with the needle, then the question. "short": the same without the
+# intro (~150 byte tokens), so that a short context is mostly haystack and the needle's depth varies.
+PASSKEY_TEMPLATES = ("classic", "short")
 PASSKEY_ANSWER_PREFIX = "The pass key is"
 
 NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -208,27 +211,31 @@ def passkey_sample(
     rng: np.random.Generator | int | None = None,
     filler: str = "classic",
     fmt: PromptFormat | None = None,
+    template: str = "classic",
 ) -> Sample:
     """The classic passkey prompt: a random 5-digit key hidden at ``depth`` in repeated filler.
 
     Args:
         filler: ``"classic"`` (the grass-is-green filler), ``"prose"`` (pydoc prose) or any
             `load_haystack` spec.
+        template: ``"classic"`` or ``"short"`` (no instruction head; see `PASSKEY_TEMPLATES`).
     """
+    if template not in PASSKEY_TEMPLATES:
+        raise ValueError(f"passkey template {template!r} is unknown: use one of {', '.join(PASSKEY_TEMPLATES)}.")
     rng = as_rng(rng)
     key = str(int(rng.integers(10000, 100000)))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     return compose(
         tokenizer,
         length,
-        head=PASSKEY_INTRO,
+        head=PASSKEY_INTRO if template == "classic" else "",
         question=PASSKEY_QUESTION,
         answer_prefix=PASSKEY_ANSWER_PREFIX,
         answer=key,
         needles=[(depth, needle)],
         haystack=filler,
         rng=rng,
-        metadata={"task": "passkey", "depth": depth, "filler": str(filler)},
+        metadata={"task": "passkey", "depth": depth, "filler": str(filler), "template": template},
         fmt=fmt,
     )
 

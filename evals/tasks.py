@@ -27,8 +27,12 @@ class Task:
     uses_depth: bool = False  # depth is a grid axis (passkey, niah); otherwise random per sample
 
 
-def passkey_task(filler: str = "classic") -> Task:
-    return Task("passkey", lambda tok, n, d, rng, fmt: passkey_sample(tok, n, d, rng, filler, fmt), uses_depth=True)
+def passkey_task(filler: str = "classic", template: str = "classic") -> Task:
+    return Task(
+        "passkey",
+        lambda tok, n, d, rng, fmt: passkey_sample(tok, n, d, rng, filler, fmt, template=template),
+        uses_depth=True,
+    )
 
 
 def niah_task(haystack: str = "prose", needle: str | None = None, question: str | None = None, answer=None) -> Task:

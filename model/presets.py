@@ -85,6 +85,21 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=1,
         eos_token_id=(2,),
     ),
+    # Between tiny and small: wide enough heads (32) for a retrieval circuit to form within a few
+    # hundred CPU steps; the demo's shape.
+    "mini": LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rope=RopeConfig(theta=10000.0),
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
     "small": LlamaConfig(
         vocab_size=512,
         hidden_size=256,

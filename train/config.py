@@ -27,7 +27,7 @@ from model.lora import LoraConfig
 from model.presets import PRESETS, preset
 from model.rope import theta_for_length
 from sharding.mesh import MeshConfig, MeshError
-from train.data_config import DataConfig
+from train.data_config import PASSKEY_TEMPLATES, DataConfig
 from train.optim import OptimConfig
 from train.pose import PoseConfig, check_pose
 from train.typed import apply_override, build, coerce, doc, to_dict
@@ -58,6 +58,11 @@ class StageConfig:
     data: dict = doc("DataConfig fields overridden in this stage, e.g. a different sources mix", factory=dict)
     mesh: MeshConfig | None = doc("mesh for this stage (default: the top-level mesh)", None)
     carry_optimizer_state: bool = doc("keep Adam's moments from the previous stage (else start them at zero)", True)
+    from_stage: str | None = doc(
+        "start from the end of this earlier stage (by name) instead of the previous one: branches for "
+        "ablations, e.g. two stage-2 variants from one stage 1 (YAML key `from` or `from_stage`)",
+        None,
+    )
     pose: PoseConfig | None = doc(
         "PoSE: train at seq_len with position ids spanning target_length, e.g. {target_length: 4096, chunks: 2}; "
         "θ rules and max positions then use target_length",
@@ -84,6 +89,7 @@ class EvalConfig:
     passkey_samples: int = doc("passkey prompts per length (spread over passkey_depths)", 16)
     passkey_depths: tuple[float, ...] = doc("needle depths (fractions of the haystack) for the passkey grid", (0.5,))
     passkey_filler: str = doc("passkey haystack: 'classic', 'prose' or a text file", "classic")
+    passkey_template: str = doc("passkey prompt: 'classic' or 'short' (no instruction head)", "classic")
     passkey_batch: int = doc("passkey prompts per forward pass", 8)
 
 
@@ -93,6 +99,9 @@ class ExportConfig:
 
     hf: bool = doc("write <run_dir>/hf (safetensors + config.json) at the end", False)
     check_transformers: bool = doc("load the export with transformers and compare logits with ringllama", False)
+    greedy_passkey: int = doc(
+        "this many fresh passkey prompts at the last stage's length, decoded greedily by transformers (0: skip)", 0
+    )
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,11 @@ def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) 
         apply_override(raw, item)
     if isinstance(raw.get("model"), str):
         raw["model"] = _model_shorthand(raw["model"])
+    for i, stage in enumerate(raw.get("stages") or ()):
+        if isinstance(stage, dict) and "from" in stage:  # `from` is a Python keyword: the field is from_stage
+            if "from_stage" in stage:
+                raise ConfigError(f"stages.{i} sets both from and from_stage: keep one of them.")
+            stage["from_stage"] = stage.pop("from")
     cfg = build(TrainConfig, raw, "")
     model_config(cfg)  # check the model section now
     return cfg
@@ -304,6 +318,10 @@ def validate(
             raise ConfigError(f"{name} must be {'≥ 0' if name == 'seed' else 'positive'}, got {getattr(cfg, name)}.")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be ≥ 0 and checkpoint.keep ≥ 1.")
+    if cfg.eval.passkey_template not in PASSKEY_TEMPLATES:
+        raise ConfigError(
+            f"eval.passkey_template is {cfg.eval.passkey_template!r}: use one of {', '.join(PASSKEY_TEMPLATES)}."
+        )
     from attention.layout import LayoutError, check_layout
 
     model = base_model or model_config(cfg)
@@ -311,6 +329,9 @@ def validate(
     plans = []
     for i, stage in enumerate(cfg.stages):
         where = f"stages.{i}"
+        if stage.from_stage is not None:  # a branch: θ rules and max positions continue from that stage
+            src = source_plan(plans, stage.from_stage, where)
+            model, prev_theta, prev_len = src.model, src.model.rope.theta, stage_length(src.stage)
         for field_name in ("seq_len", "steps", "batch_size"):
             value = getattr(stage, field_name)
             if value < (0 if field_name == "steps" else 1):
@@ -352,8 +373,28 @@ def validate(
                 f"{optim.grad_accum_steps}: make the batch a multiple of it."
             )
         data = build(DataConfig, {**to_dict(cfg.data), **stage.data}, f"{where}.data") if stage.data else cfg.data
-        plans.append(StagePlan(i, stage.name or f"stage{i + 1}", stage, model, optim, mesh_cfg, shape, data, layout))
+        name = stage.name or f"stage{i + 1}"
+        if any(p.name == name for p in plans):
+            raise ConfigError(f"{where}.name {name!r} is used by an earlier stage: give every stage its own name.")
+        plans.append(StagePlan(i, name, stage, model, optim, mesh_cfg, shape, data, layout))
     return plans
+
+
+def source_plan(plans: list[StagePlan], name: str, where: str) -> StagePlan:
+    """The earlier stage a ``from_stage`` names; `ConfigError` when there is none."""
+    for p in plans:
+        if p.name == name:
+            return p
+    known = ", ".join(repr(p.name) for p in plans) or "none"
+    raise ConfigError(f"{where}.from names {name!r}, which is not an earlier stage (earlier stages: {known}): "
+                      "name a stage listed above this one.")  # fmt: skip
+
+
+def start_plan(plans: list[StagePlan], plan: StagePlan) -> StagePlan | None:
+    """The stage whose final state ``plan`` starts from: its ``from_stage``, else the one before it."""
+    if plan.stage.from_stage is not None:
+        return source_plan(plans[: plan.index], plan.stage.from_stage, f"stages.{plan.index}")
+    return plans[plan.index - 1] if plan.index > 0 else None
 
 
 # ------------------------------------------------------------------------------------- help

@@ -9,9 +9,17 @@ learning-rate schedule restarts (``state.step`` counts steps within the stage). 
 ``checkpoint.every`` global steps and at each stage end an orbax checkpoint stores the state
 plus what exact resumption needs: stage, steps, data-iterator position, RNG and the configs.
 Each stage ends with held-out perplexity at its own length and the next stage's, and the
-passkey grid when configured (`train.stage_eval`). The final model is saved as a ringllama
-checkpoint (``<run_dir>/final``) whose config carries the last stage's θ and max positions,
-and optionally exported to Hugging Face format (``<run_dir>/hf``).
+passkey grid when configured (`train.stage_eval`).
+
+Branches: a stage with ``from: NAME`` starts from the final state of the earlier stage NAME
+(bitwise: a host copy taken when NAME ended, or its stage-end checkpoint after ``--resume``)
+instead of the stage before it; its θ rule and max positions continue from NAME too, and its
+data stream is seeded by its depth in the tree (`stage_depth`), so sibling branches — say, a
+θ-scaled stage 2 and a control with θ unchanged — read the same documents in the same order.
+
+The final model — the last stage listed — is saved as a ringllama checkpoint
+(``<run_dir>/final``) whose config carries its θ and max positions, and optionally exported to
+Hugging Face format (``<run_dir>/hf``).
 
 Exactness of ``--resume``: the train step is deterministic, the data iterator restores its
 position, and the state restored from a checkpoint is bit-identical, so the losses after a
@@ -24,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -34,7 +43,7 @@ from model.config import ConfigError, LlamaConfig
 from sharding.mesh import make_mesh
 from train import metrics as M
 from train.checkpoint import Checkpointer
-from train.config import StagePlan, TrainConfig, dump_config, model_config, validate
+from train.config import StagePlan, TrainConfig, dump_config, model_config, start_plan, validate
 from train.data import make_iterator
 from train.flops import train_step_flops
 from train.guards import check_finite
@@ -69,6 +78,18 @@ def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
 
 def _data_seed(seed: int, stage: int) -> int:
     return seed * 1009 + stage  # a distinct, deterministic stream per stage
+
+
+def stage_depth(plans: list[StagePlan], plan: StagePlan) -> int:
+    """How many stages precede ``plan`` on its branch (its index in a linear curriculum).
+
+    The data stream is seeded by this depth, so sibling branches (``from_stage`` the same stage)
+    train on the same documents in the same order: an ablation changes only what its config changes.
+    """
+    depth, start = 0, start_plan(plans, plan)
+    while start is not None:
+        depth, start = depth + 1, start_plan(plans, start)
+    return depth
 
 
 def run(
@@ -136,28 +157,34 @@ def run(
         say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
 
     state, prev_plan, last_saved = None, None, (global_step if meta else None)
+    branch_points = {p.stage.from_stage for p in plans if p.stage.from_stage is not None}
+    ends: dict[str, Any] = {}  # host copies of the stage-end states that later stages branch from
     try:
         for plan in plans[start_stage:]:
             mesh = make_mesh(plan.mesh)
             stage = plan.stage
             say(_stage_banner(plan))
+            start = start_plan(plans, plan)
             if state is None and meta is not None:
                 state, _ = ckptr.restore(global_step, abstract_state(plan.model, plan.optim, mesh, cfg.lora))
                 if cfg.lora is not None:  # LoRA checkpoints hold no base: re-attach it
                     state = state.replace(frozen=_lora_base(cfg, init_from, plan, mesh, rng, say))
-            elif state is None:
+            elif state is None and start is None:
                 key = jax.random.wrap_key_data(jnp.asarray(rng))
                 params = init_from_model(init_from, plan, mesh, say) if init_from else None
                 state = init_state(
                     plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params, lora=cfg.lora
                 )
+            elif start is not prev_plan:
+                say(f"{plan.name}: starts from the end of {start.name} (a branch)")
+                state = move_state(_branch_source(ends, start, plans, ckptr), start, plan, mesh, say, lora=cfg.lora)
             else:
                 state = move_state(state, prev_plan, plan, mesh, say, lora=cfg.lora)
             if stage_step < stage.steps:
                 resume_data = meta["data_state"] if meta is not None and stage_step > 0 else None
                 state, global_step, stage_step, last_saved = _train_stage(
                     cfg, plan, mesh, state, ckptr, logger, base, rng, peak,
-                    global_step, stage_step, last_saved, resume_data, stop_after, lead,
+                    global_step, stage_step, last_saved, resume_data, stop_after, lead, stage_depth(plans, plan), say,
                 )  # fmt: skip
             more = stage_step < stage.steps or plan.index + 1 < len(plans)
             if stage_step < stage.steps or (stop_after is not None and global_step >= stop_after and more):
@@ -168,6 +195,8 @@ def run(
                 nxt = plans[plan.index + 1] if plan.index + 1 < len(plans) else None
                 for record in reporter.end_of_stage(_merged_view(state, plan, mesh, cfg), plan, nxt, mesh, global_step):
                     logger.log(record)
+            if plan.name in branch_points:  # a copy: the next stage's train step donates these buffers
+                ends[plan.name] = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(state))
             prev_plan, stage_step, meta = plan, 0, None
         ckptr.wait()
         final = plans[-1]
@@ -185,7 +214,7 @@ def run(
 
 def _train_stage(
     cfg, plan, mesh, state, ckptr, logger, base, rng, peak, global_step, stage_step, last_saved, resume_data,
-    stop_after, lead,
+    stop_after, lead, depth, say,
 ):  # fmt: skip
     """Train ``plan`` from ``stage_step`` to its end (or to ``stop_after``); returns the loop counters."""
     stage = plan.stage
@@ -196,7 +225,7 @@ def _train_stage(
         plan.data,
         stage.seq_len,
         stage.batch_size,
-        _data_seed(cfg.seed, plan.index),
+        _data_seed(cfg.seed, depth),
         layout=plan.layout,
         num_shards=dict(mesh.shape)["sequence"],
         process_index=jax.process_index(),
@@ -208,7 +237,7 @@ def _train_stage(
     flops = train_step_flops(plan.model, stage.seq_len, stage.batch_size)
     tokens = stage.batch_size * stage.seq_len
     ckpt_dir = ckptr.directory
-    bar = _progress(cfg.progress and lead, stage.steps, stage_step, plan.name)
+    bar = _progress(cfg.progress and lead, stage.steps, stage_step, plan.name, say)
     timer, first = M.StepTimer(), True
     batch = next(it)
     data_state = it.state()  # the position after `batch`: where a resume after this step continues
@@ -254,6 +283,20 @@ def _train_stage(
     if bar is not None:
         bar.close()
     return state, global_step, stage_step, last_saved
+
+
+def _branch_source(ends: dict[str, Any], src: StagePlan, plans: list[StagePlan], ckptr: Checkpointer):
+    """The end state of stage ``src``: kept from this run, or (after --resume) its stage-end checkpoint."""
+    if src.name in ends:
+        return ends[src.name]
+    end_step = sum(p.stage.steps for p in plans[: src.index + 1])
+    if end_step not in ckptr.all_steps():
+        raise ConfigError(
+            f"stage {src.name!r} is the start of a later branch but its stage-end checkpoint (global step "
+            f"{end_step}) is gone: raise checkpoint.keep so that it survives, or rerun without --resume."
+        )
+    state, _ = ckptr.restore(end_step, abstract_state(src.model, src.optim, make_mesh(src.mesh)))
+    return state
 
 
 def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -333,12 +376,15 @@ def _stage_banner(plan: StagePlan) -> str:
     )
 
 
-def _progress(enabled: bool, total: int, done: int, name: str):
+def _progress(enabled: bool, total: int, done: int, name: str, say=print):
+    """A redrawing bar on a terminal; in a log (not a TTY), a line every ~10% of the stage or minute."""
     if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return M.LineProgress(total, done, name, say)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, desc=name, unit="step", dynamic_ncols=True)
 
 
-__all__ = ["EXEC_FIELDS", "base_model", "run"]
+__all__ = ["EXEC_FIELDS", "base_model", "run", "stage_depth"]

@@ -20,6 +20,7 @@ SYNTHETIC_TASKS = ("passkey", "niah", "multi_needle", "prose")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 BUILTIN_HAYSTACKS = ("prose", "classic", "noise")  # `evals.load_haystack` names
+PASSKEY_TEMPLATES = ("classic", "short")  # `evals.synthetic.PASSKEY_TEMPLATES` (data/ sits below evals/)
 
 
 class DataError(ValueError):
@@ -47,6 +48,8 @@ class SourceConfig:
         min_length, max_length: synthetic: document length in tokens, drawn uniformly; None =
             ``seq_len // 4`` and ``seq_len`` (raised to the task's minimum when that is larger).
         needles: synthetic multi_needle: needles per document.
+        template: synthetic passkey: ``"classic"`` or ``"short"`` (no instruction head;
+            `evals.synthetic.PASSKEY_TEMPLATES`).
         answer_weight: synthetic: loss weight of the answer tokens (the retrieval signal).
         context_weight: synthetic: loss weight of every other token (haystack language modelling).
     """
@@ -64,6 +67,7 @@ class SourceConfig:
     min_length: int | None = None
     max_length: int | None = None
     needles: int = 4
+    template: str = "classic"
     # A tiny model sees ~6 answer tokens per 1K-token passkey document; weighting them 10x
     # makes retrieval ~5% of the loss instead of ~0.5%, while the haystack still teaches copying.
     answer_weight: float = 10.0
@@ -94,6 +98,8 @@ class SourceConfig:
                     f"{where}.haystack {self.haystack!r} is neither {', '.join(BUILTIN_HAYSTACKS)} nor an existing "
                     "text file: fix the path or pick a built-in haystack."
                 )
+            if self.template not in PASSKEY_TEMPLATES:
+                raise DataError(f"{where}.template is {self.template!r}: use one of {', '.join(PASSKEY_TEMPLATES)}.")
             if not 1 <= self.needles <= 10:
                 raise DataError(f"{where}.needles is {self.needles}: use 1 to 10 needles.")
             if self.answer_weight < 0 or self.context_weight < 0 or self.answer_weight + self.context_weight == 0:

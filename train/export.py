@@ -62,3 +62,50 @@ def check_transformers(hf_dir: str, cfg: LlamaConfig, params: Any, prompt_tokens
         else float(getattr(hf.config, "rope_theta", float("nan"))),
         "verdict": "logits match" if diff <= LOGITS_ATOL else f"logits DIFFER (tolerance {LOGITS_ATOL})",
     }
+
+
+def hf_greedy_passkey(
+    hf_dir: str,
+    tokenizer,
+    *,
+    length: int,
+    prompts: int,
+    seed: int,
+    filler: str = "classic",
+    template: str = "classic",
+    reserve: int = 8,
+) -> dict:
+    """Greedy generation through transformers on fresh passkey prompts of ``length`` tokens (answer included).
+
+    Independent of ringllama's teacher-forced scoring: the export is loaded by
+    ``LlamaForCausalLM`` and decodes the key itself. Depths are spread evenly over [0.05, 0.95].
+
+    Returns:
+        ``{"length", "prompts", "correct", "accuracy", "examples": [{"depth", "key", "generated"}]}``.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from evals.synthetic import passkey_sample
+
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    hf.eval()
+    rng = np.random.default_rng([seed, length, 0x6B6579])  # fresh: not the seeds of the eval grid
+    examples = []
+    for i in range(prompts):
+        depth = 0.05 + 0.9 * i / max(prompts - 1, 1)
+        sample = passkey_sample(tokenizer, length - reserve, depth, rng, filler=filler, template=template)
+        ids = torch.tensor([sample.prompt_ids], dtype=torch.long)
+        with torch.no_grad():
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=len(sample.answer_ids) + 2,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_id,
+            )
+        text = tokenizer.decode(out[0, ids.shape[1] :].tolist())
+        examples.append({"depth": round(depth, 3), "key": sample.answer, "generated": text})
+    correct = sum(e["key"] in e["generated"] for e in examples)
+    return {"length": length, "prompts": prompts, "correct": correct, "accuracy": correct / max(prompts, 1),
+            "examples": examples}  # fmt: skip

@@ -1,4 +1,4 @@
-"""Run observability: per-step ``metrics.jsonl``, TensorBoard scalars, MFU, and a loss/perplexity plot.
+"""Run observability: per-step ``metrics.jsonl``, TensorBoard scalars, MFU, progress lines, a loss plot.
 
 MFU is model FLOPs per second (`train.flops`: matmuls plus causal attention, remat not counted)
 over the summed peak of the devices in use. Peaks are dense bf16 tensor-core / MXU numbers from
@@ -138,6 +138,40 @@ class StepTimer:
         now = time.perf_counter()
         dt, self._last = now - self._last, now
         return dt
+
+
+class LineProgress:
+    """Progress for logs (stdout not a terminal): one line per ~10% of the steps or every ``seconds``.
+
+    Same ``update`` / ``set_postfix`` / ``close`` calls as a tqdm bar, so the runner uses either.
+    """
+
+    def __init__(self, total: int, initial: int, name: str, say=print, seconds: float = 60.0, parts: int = 10):
+        self.total, self.n, self.name, self.say, self.seconds = total, initial, name, say, seconds
+        self._every = max(1, -(-total // parts))
+        self._postfix = ""
+        self._t0 = self._last = time.perf_counter()
+        self._start = initial
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        now = time.perf_counter()
+        crossed = before // self._every != self.n // self._every
+        quiet = now - self._last  # a boundary right after a timed line would only repeat it
+        if (crossed and quiet >= min(5.0, self.seconds)) or self.n == self.total or quiet >= self.seconds:
+            self._last = now
+            done = self.n - self._start
+            rate = done / max(now - self._t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+            pct = 100 * self.n / max(self.total, 1)
+            self.say(f"{self.name}: step {self.n}/{self.total} ({pct:.0f}%), {rate:.2f} steps/s, "
+                     f"eta {eta:.0f} s{self._postfix}")  # fmt: skip
+
+    def set_postfix(self, **values) -> None:
+        self._postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
 
 
 def plot_run(metrics_path: str, out_png: str) -> str | None:

@@ -1,12 +1,14 @@
 """What a run reports: end-of-stage evals, the final model and its export, ``report.json``, a summary.
 
-`Reporter.end_of_stage` runs held-out perplexity (the stage's length and the next stage's, still
-with this stage's θ) and, when ``eval.passkey_lengths`` is set, the passkey grid — printing the
-accuracy table of every stage so far and writing ``<run_dir>/passkey/<stage>/`` (results.json,
-CSVs, heatmap PNG). `Reporter.finish` saves the final model as a ringllama checkpoint
-(``<run_dir>/final``: its config carries the last stage's θ and max positions), exports it to
-Hugging Face format when asked, checks that transformers loads it with matching logits, and
-writes ``report.json`` (also after every stage, so a resumed run keeps earlier results).
+`Reporter.end_of_stage` runs held-out perplexity (the stage's length, and the next stage's length on
+the next stage's data but still with this stage's θ) and, when ``eval.passkey_lengths`` is set, the
+passkey grid — printing the accuracy table of every stage so far and writing
+``<run_dir>/passkey/<stage>/`` (results.json, CSVs, heatmap PNG). `Reporter.finish` saves the final
+model as a ringllama checkpoint (``<run_dir>/final``: its config carries the last stage's θ and max
+positions), exports it to Hugging Face format when asked, checks that transformers loads it with
+matching logits (and, with ``export.greedy_passkey``, that its greedy decoding retrieves passkeys),
+and writes ``report.json`` (also after every stage, so a resumed run keeps earlier results) with the
+``extension`` comparison (`extension`) and ``extension.png`` once the run is done.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import jax
 
-from train.config import StagePlan, TrainConfig
+from train.config import StagePlan, TrainConfig, start_plan
 from train.stage_eval import heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
 
 
@@ -62,18 +64,22 @@ class Reporter:
     def end_of_stage(self, state, plan: StagePlan, nxt: StagePlan | None, mesh, global_step: int) -> list[dict]:
         """Evaluate the stage's final params; returns metrics records (kind ``eval``)."""
         cfg, stage, t0 = self.cfg, plan.stage, time.time()
+        start = start_plan(self.plans, plan)
         out = {"seq_len": stage.seq_len, "theta": plan.model.rope.theta, "steps": stage.steps,
                "max_position_embeddings": plan.model.max_position_embeddings, "global_step": global_step,
-               "perplexity": {}}  # fmt: skip
+               "from": start.name if start else None, "perplexity": {},
+               **_step_cost(self.run_dir, plan.name)}  # fmt: skip
         records = []
-        lengths = [(stage.seq_len, stage.batch_size)]
+        lengths = [(stage.seq_len, stage.batch_size, plan.data)]
         seq = dict(mesh.shape)["sequence"]
         if nxt is not None and nxt.stage.seq_len != stage.seq_len and _fits(nxt.stage.seq_len, seq, plan.layout):
-            lengths.append((nxt.stage.seq_len, nxt.stage.batch_size))
+            # The next stage's documents: a mix of short documents packed into long rows never
+            # puts a position past this stage's length, and would hide the failure to extrapolate.
+            lengths.append((nxt.stage.seq_len, nxt.stage.batch_size, nxt.data))
         if cfg.eval.heldout_batches > 0:
-            for length, batch in lengths:
+            for length, batch, data in lengths:
                 ppl = heldout_perplexity(
-                    state.params, plan.model, mesh, plan.data, seq_len=length,
+                    state.params, plan.model, mesh, data, seq_len=length,
                     batch_size=cfg.eval.heldout_batch_size or batch, n_batches=cfg.eval.heldout_batches,
                     seed=cfg.seed, layout=plan.layout, loss_chunk=cfg.loss_chunk,
                 )  # fmt: skip
@@ -94,7 +100,7 @@ class Reporter:
         records, agg = passkey_grid(
             state.params, plan.model, mesh, load_tokenizer(plan.data.tokenizer), lengths=ev.passkey_lengths,
             samples=ev.passkey_samples, depths=ev.passkey_depths, filler=ev.passkey_filler,
-            batch_size=ev.passkey_batch, seed=self.cfg.seed + 7,
+            template=ev.passkey_template, batch_size=ev.passkey_batch, seed=self.cfg.seed + 7,
         )  # fmt: skip
         accuracy = {str(r["length"]): r["score"] for r in agg["by_length"]}
         if self.lead:
@@ -111,6 +117,11 @@ class Reporter:
         self.data["wall_seconds"] = self.data.get("wall_seconds", 0.0) + (time.time() - self.started)
         if not stopped:
             self._final_model(state, plan)
+        ext = extension(self.data["stages"], self.plans)
+        if ext is not None:
+            self.data["extension"] = ext
+            if self.lead:
+                ext["figure"] = plot_extension_figure(self.run_dir, self.data["stages"], self.plans)
         self._write()
         if not stopped:
             self.say(self.summary())
@@ -137,6 +148,22 @@ class Reporter:
                     f"transformers loads the export: {check['loaded']}; logits max |Δ| vs ringllama "
                     f"{check['max_abs_diff']:.2e} on a {check['prompt_tokens']}-token prompt ({check['verdict']})"
                 )
+            if self.cfg.export.greedy_passkey > 0:
+                self.data["hf_export"]["greedy_passkey"] = self._greedy(paths["hf"], plan)
+
+    def _greedy(self, hf_dir: str, plan: StagePlan) -> dict:
+        from train.export import hf_greedy_passkey
+        from train.stage_eval import PASSKEY_RESERVE
+        from train.tokenizer import load_tokenizer
+
+        ev = self.cfg.eval
+        result = hf_greedy_passkey(
+            hf_dir, load_tokenizer(plan.data.tokenizer), length=plan.stage.seq_len,
+            prompts=self.cfg.export.greedy_passkey, seed=self.cfg.seed + 11, filler=ev.passkey_filler,
+            template=ev.passkey_template, reserve=PASSKEY_RESERVE,
+        )  # fmt: skip
+        self.say(greedy_line(result))
+        return result
 
     def summary(self) -> str:
         stages = self.data["stages"]
@@ -150,8 +177,13 @@ class Reporter:
             by_stage = {n: s["passkey"]["aggregates"] for n, s in stages.items() if "passkey" in s}
             lines += ["", passkey_table(by_stage, lengths)]
             lines += _extension_verdict(stages)
+        if "extension" in self.data:
+            lines += ["", extension_table(self.data["extension"])]
         if "hf_export" in self.data:
-            lines.append(f"\nHugging Face export: {self.data['hf_export']}")
+            hf = {k: v for k, v in self.data["hf_export"].items() if k != "greedy_passkey"}
+            lines.append(f"\nHugging Face export: {hf}")
+            if "greedy_passkey" in self.data["hf_export"]:
+                lines.append(greedy_line(self.data["hf_export"]["greedy_passkey"]))
         lines.append(f"wall time {self.data['wall_seconds']:.0f} s; report: {self.path}")
         return "\n".join(lines)
 
@@ -175,6 +207,129 @@ def _extension_verdict(stages: dict) -> list[str]:
 
 
 RETRIEVAL_TARGET = 0.9
+
+
+def greedy_line(result: dict) -> str:
+    """One line: how many fresh prompts transformers' greedy decoding of the export got right."""
+    shown = "; ".join(f"{e['key']} → {e['generated'].strip()!r}" for e in result["examples"][:3])
+    return (f"transformers greedy generation on the HF export, {result['prompts']} fresh passkey prompts at "
+            f"{result['length']} tokens: {result['correct']}/{result['prompts']} retrieved ({shown}, …)")  # fmt: skip
+
+
+def _step_cost(run_dir: str, stage: str) -> dict:
+    """Median train-step seconds of a stage (compile step excluded) and its total training seconds."""
+    from train.metrics import read_metrics
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    times = [r["step_time"] for r in read_metrics(path) if r.get("kind") == "train" and r.get("stage") == stage]
+    if not times:
+        return {}
+    steady = sorted(times[1:] or times)
+    return {"step_seconds": steady[len(steady) // 2], "train_seconds": float(sum(times))}
+
+
+def extension(stages: dict, plans: list[StagePlan]) -> dict | None:
+    """Stage 1 against the final stage and its sibling branches, at the training and the target length.
+
+    The first stage is "stage 1" (trained at ``train_length``); the last stage is the extended model
+    (its ``seq_len``, or its PoSE target, is ``target_length``). A *control* is another stage branched
+    from the same stage as the last one, at the same length, with θ unchanged from that stage (so it
+    differs from the extension only in θ); other siblings (e.g. a PoSE branch) are listed under
+    ``branches``. Accuracies are the teacher-forced passkey scores of the per-stage tables (None where
+    a length was not scored); None when the first or the last stage has no passkey results.
+    """
+    base, final = plans[0], plans[-1]
+    if base is final or any("passkey" not in stages.get(p.name, {}) for p in (base, final)):
+        return None
+    src = start_plan(plans, final)
+    target = _target_length(final)
+    train_len = base.stage.seq_len
+
+    def acc(p: StagePlan | None, n: int):
+        return None if p is None else stages[p.name]["passkey"]["accuracy"].get(str(n))
+
+    siblings = [p for p in plans[1:-1] if start_plan(plans, p) is src and "passkey" in stages.get(p.name, {})]
+    control = next(
+        (p for p in siblings if _target_length(p) == target and p.model.rope.theta == src.model.rope.theta
+         and p.stage.seq_len == final.stage.seq_len),
+        None,
+    )  # fmt: skip
+
+    def model(p: StagePlan) -> dict:
+        s = stages[p.name]
+        return {"stage": p.name, "seq_len": p.stage.seq_len, "target_length": _target_length(p),
+                "theta": p.model.rope.theta, "steps": p.stage.steps, "from": s.get("from"),
+                "pose": getattr(p.stage, "pose", None) is not None,
+                "accuracy": s["passkey"]["accuracy"], "perplexity": s.get("perplexity", {}),
+                "step_seconds": s.get("step_seconds"), "train_seconds": s.get("train_seconds")}  # fmt: skip
+
+    return {
+        "train_length": train_len,
+        "target_length": target,
+        "stage1_at_train": acc(base, train_len),
+        "stage1_at_target": acc(base, target),
+        "extended_at_target": acc(final, target),
+        "extended_at_2x_target": acc(final, 2 * target),
+        "control_at_target": acc(control, target),
+        "control_at_2x_target": acc(control, 2 * target),
+        "stage1_perplexity_at_train": stages[base.name].get("perplexity", {}).get(str(train_len)),
+        "stage1_perplexity_at_target": stages[base.name].get("perplexity", {}).get(str(target)),
+        "stage1": model(base),
+        "extended": model(final),
+        "control": model(control) if control else None,
+        "branches": [model(p) for p in siblings if p is not control],
+    }
+
+
+def _target_length(plan: StagePlan) -> int:
+    pose = getattr(plan.stage, "pose", None)
+    return int(pose.target_length) if pose else plan.stage.seq_len
+
+
+def extension_table(ext: dict) -> str:
+    """The closing table: one row per model (stage 1, extended, control, other branches)."""
+    L, T = ext["train_length"], ext["target_length"]
+    cols = [L, T, 2 * T]
+    head = f"{'model':<34}{'θ':>11}" + "".join(f"{'@' + str(n):>8}" for n in cols) + f"{'s/step':>8}"
+    lines = [f"context extension: trained at {L}, target {T}", head, "-" * len(head)]
+    rows = [("stage 1", ext["stage1"]), ("extended (θ scaled)", ext["extended"]), ("control (θ unchanged)",
+            ext["control"])] + [("PoSE branch" if b["pose"] else "branch", b) for b in ext["branches"]]  # fmt: skip
+    for label, m in rows:
+        if m is None:
+            continue
+        accs = "".join(f"{_pct(m['accuracy'].get(str(n))):>8}" for n in cols)
+        cost = f"{m['step_seconds']:.2f}" if m.get("step_seconds") else "n/a"
+        lines.append(f"{label + ': ' + m['stage']:<34}{m['theta']:>11.4g}{accs}{cost:>8}")
+    p_l, p_t = ext.get("stage1_perplexity_at_train"), ext.get("stage1_perplexity_at_target")
+    if p_l is not None and p_t is not None:
+        lines.append(f"stage 1 held-out perplexity: {p_l:.3f} at {L}, {p_t:.3f} at {T}")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def plot_extension_figure(run_dir: str, stages: dict, plans: list[StagePlan]) -> str | None:
+    """``<run_dir>/extension.png``: passkey accuracy vs length, a line per stage, training lengths marked."""
+    try:
+        from evals.report import plot_extension
+    except ImportError:
+        return None
+    series = {}
+    for p in plans:
+        s = stages.get(p.name, {})
+        if "passkey" in s:
+            label = f"{p.name} (θ {p.model.rope.theta:.3g}"
+            label += f", PoSE positions to {_target_length(p)})" if getattr(p.stage, "pose", None) else ")"
+            series[label] = {"accuracy": s["passkey"]["accuracy"], "trained_length": p.stage.seq_len}
+    try:
+        plot_extension(os.path.join(run_dir, "extension.png"), series)
+    except ImportError:  # matplotlib is optional
+        return None
+    return "extension.png"
 
 
 def _fits(length: int, seq: int, layout: str) -> bool:

@@ -78,6 +78,7 @@ def passkey_grid(
     depths: tuple[float, ...],
     filler: str,
     batch_size: int,
+    template: str = "classic",
     seed: int,
 ) -> tuple[list[dict], dict]:
     """Teacher-forced passkey accuracy for every (length, depth) cell: ``(records, aggregates)``.
@@ -92,7 +93,7 @@ def passkey_grid(
     data_shards = dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1)
     batch_size = max(data_shards, -(-batch_size // data_shards) * data_shards)
     runner = Runner(model_cfg, params, mesh=mesh, batch_size=batch_size, pad_multiple=8, pad_id=tokenizer.pad_id)
-    task = passkey_task(filler)
+    task = passkey_task(filler, template)
     per_depth = max(1, samples // max(len(depths), 1))
     records = []
     for length in lengths:

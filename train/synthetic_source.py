@@ -29,11 +29,11 @@ from train.sources import SPLIT_TAGS
 _DEFAULT_HAYSTACK = {"passkey": "classic", "niah": "prose", "multi_needle": "prose", "prose": "prose"}
 
 
-def _generate(task: str, tokenizer, length: int, rng: np.random.Generator, haystack: str, needles: int):
+def _generate(task: str, tokenizer, length: int, rng: np.random.Generator, haystack: str, needles: int, template: str):
     from evals import multi_niah_sample, niah_sample, passkey_sample
 
     if task == "passkey":
-        return passkey_sample(tokenizer, length, float(rng.random()), rng, filler=haystack)
+        return passkey_sample(tokenizer, length, float(rng.random()), rng, filler=haystack, template=template)
     if task == "niah":
         return niah_sample(tokenizer, length, float(rng.random()), rng, haystack=haystack)
     depths = sorted(float(d) for d in rng.random(needles))
@@ -41,7 +41,7 @@ def _generate(task: str, tokenizer, length: int, rng: np.random.Generator, hayst
 
 
 @functools.lru_cache(maxsize=32)
-def _min_prompt(task: str, tokenizer, haystack: str, needles: int) -> int:
+def _min_prompt(task: str, tokenizer, haystack: str, needles: int, template: str) -> int:
     """Smallest prompt length the task's fixed text allows (max over a few seeds: needle texts vary)."""
     from evals import OverheadError
 
@@ -50,7 +50,7 @@ def _min_prompt(task: str, tokenizer, haystack: str, needles: int) -> int:
         lo, hi = 1, 64
         while True:  # grow until it fits, then bisect
             try:
-                _generate(task, tokenizer, hi, np.random.default_rng(seed), haystack, needles)
+                _generate(task, tokenizer, hi, np.random.default_rng(seed), haystack, needles, template)
                 break
             except OverheadError:
                 lo, hi = hi, hi * 2
@@ -60,7 +60,7 @@ def _min_prompt(task: str, tokenizer, haystack: str, needles: int) -> int:
         while lo < hi:
             mid = (lo + hi) // 2
             try:
-                _generate(task, tokenizer, mid, np.random.default_rng(seed), haystack, needles)
+                _generate(task, tokenizer, mid, np.random.default_rng(seed), haystack, needles, template)
                 hi = mid
             except OverheadError:
                 lo = mid + 1
@@ -96,9 +96,11 @@ class SyntheticSource:
             floor = len(self._bos) + len(self._eos) + 1
         else:
             # prompt + answer (+ EOS). The answer length of one sample is the first guess when sizing prompts.
-            probe = _generate(src.task, tokenizer, 4096, np.random.default_rng(0), self._haystack, src.needles)
+            probe = _generate(
+                src.task, tokenizer, 4096, np.random.default_rng(0), self._haystack, src.needles, src.template
+            )
             self._answer_guess = len(probe.answer_ids)
-            self._min_prompt = _min_prompt(src.task, tokenizer, self._haystack, src.needles)
+            self._min_prompt = _min_prompt(src.task, tokenizer, self._haystack, src.needles, src.template)
             floor = self._min_prompt + self._answer_guess + len(self._eos)
         if hi < floor:
             warnings.warn(
@@ -125,7 +127,8 @@ class SyntheticSource:
             while True:
                 g = np.random.default_rng(sample_seed)  # same seed → same key/needles → same answer length
                 try:
-                    return _generate(src.task, self._tokenizer, prompt_len, g, self._haystack, src.needles)
+                    tok, hay = self._tokenizer, self._haystack
+                    return _generate(src.task, tok, prompt_len, g, hay, src.needles, src.template)
                 except OverheadError:  # this seed's needles are longer than the probed minimum
                     prompt_len += 8
 
