@@ -9,7 +9,9 @@
     convert.save_hf(cfg, params, "out-hf", max_shard_size="5GB")   # back to transformers
     cfg, params = convert.load_meta("Meta-Llama-3-8B")             # consolidated.*.pth + params.json
 
-Command line: ``python -m convert {hf-to-flax,flax-to-hf,meta-to-flax} SRC DST`` (see `convert.cli`).
+    convert.save_peft("adapter", cfg, lora, params)               # LoRA -> PEFT adapter directory
+
+Command line: ``python -m convert {hf-to-flax,flax-to-hf,flax-to-peft,meta-to-flax} SRC DST`` (see `convert.cli`).
 Bad input raises `ConversionError` or `model.ConfigError`, each with one sentence naming the fix.
 """
 
@@ -26,6 +28,7 @@ from convert.checkpoint import (
 from convert.hf import load_hf, save_hf
 from convert.meta import half_to_interleaved, interleaved_to_half, is_meta_checkpoint, load_meta, meta_config
 from convert.names import ConversionError
+from convert.peft import is_lora_checkpoint, load_lora_checkpoint, merge_numpy, save_lora_checkpoint, save_peft
 from convert.tree import relayout
 
 __all__ = [
@@ -35,15 +38,20 @@ __all__ = [
     "half_to_interleaved",
     "interleaved_to_half",
     "is_hf_checkpoint",
+    "is_lora_checkpoint",
     "is_meta_checkpoint",
     "is_ringllama_checkpoint",
     "load_checkpoint",
     "load_hf",
+    "load_lora_checkpoint",
     "load_meta",
     "load_model",
+    "merge_numpy",
     "meta_config",
     "read_config",
     "relayout",
     "save_checkpoint",
     "save_hf",
+    "save_lora_checkpoint",
+    "save_peft",
 ]

@@ -17,6 +17,7 @@ from model.cache import init_cache
 from model.config import ATTENTION_IMPLS, ROPE_TYPES, ConfigError, LlamaConfig, RopeConfig
 from model.generate import generate
 from model.llama import Llama
+from model.lora import LoraConfig
 from model.params import abstract_params, count_params, init_params, lm_head_kernel, logical_axes
 from model.presets import PRESETS, preset
 from model.rope import apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, rotate, theta_for_length
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "Llama",
     "LlamaConfig",
+    "LoraConfig",
     "RopeConfig",
     "abstract_params",
     "apply_rope",
