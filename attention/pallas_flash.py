@@ -42,6 +42,7 @@ from attention import instrument
 # padded queries see no key, padded keys are seen by no query, causal or not.
 Q_PAD = -(2**31)
 KV_PAD = 2**31 - 1
+SQ = pl.squeezed  # a block dimension of size 1 that the kernel does not see
 
 
 def _next_pow2(x: int) -> int:
@@ -291,16 +292,16 @@ def pallas_forward(
     inputs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     interpret = default_interpret() if interpret is None else interpret
     kernel = functools.partial(_fwd_kernel, causal=causal, scale=float(scale), block_k=bk)
-    q_tile = pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0))
-    kv_all = pl.BlockSpec((None, sp, None, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
-    qrow = pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i))
-    krow = pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))
+    q_tile = pl.BlockSpec((SQ, bq, SQ, h), lambda bi, ni, i: (bi, i, ni, 0))
+    kv_all = pl.BlockSpec((SQ, sp, SQ, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
+    qrow = pl.BlockSpec((SQ, bq), lambda bi, ni, i: (bi, i))
+    krow = pl.BlockSpec((SQ, sp), lambda bi, ni, i: (bi, 0))
     out, lse = pl.pallas_call(
         kernel,
         out_shape=_out_structs((((b, tp, n, h), jnp.float32), ((b, tp, n), jnp.float32)), *inputs),
         grid=(b, n, tp // bq),
         in_specs=[q_tile, kv_all, kv_all, qrow, krow, qrow, krow],
-        out_specs=[q_tile, pl.BlockSpec((None, bq, None), lambda bi, ni, i: (bi, i, ni))],
+        out_specs=[q_tile, pl.BlockSpec((SQ, bq, SQ), lambda bi, ni, i: (bi, i, ni))],
         interpret=interpret,
         compiler_params=_compiler_params(interpret, bq * bk),
         name="ringllama_flash_fwd",
@@ -352,11 +353,11 @@ def pallas_backward(
     interpret = default_interpret() if interpret is None else interpret
     inputs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta)
 
-    q_tile = pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0))
-    kv_all = pl.BlockSpec((None, sp, None, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
-    qrow = pl.BlockSpec((None, bq), lambda bi, ni, i: (bi, i))
-    krow = pl.BlockSpec((None, sp), lambda bi, ni, i: (bi, 0))
-    stat = pl.BlockSpec((None, bq, None), lambda bi, ni, i: (bi, i, ni))
+    q_tile = pl.BlockSpec((SQ, bq, SQ, h), lambda bi, ni, i: (bi, i, ni, 0))
+    kv_all = pl.BlockSpec((SQ, sp, SQ, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
+    qrow = pl.BlockSpec((SQ, bq), lambda bi, ni, i: (bi, i))
+    krow = pl.BlockSpec((SQ, sp), lambda bi, ni, i: (bi, 0))
+    stat = pl.BlockSpec((SQ, bq, SQ), lambda bi, ni, i: (bi, i, ni))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, causal=causal, scale=float(scale), block_k=bk),
         out_shape=_out_structs((((b, tp, n, h), jnp.float32),), *inputs)[0],
@@ -369,11 +370,11 @@ def pallas_backward(
     )(*inputs)
 
     # dK/dV: one program per (batch, kv head, key tile) reads the whole query block of its g heads.
-    q_group = pl.BlockSpec((None, tp, groups, h), lambda bi, ki, j: (bi, 0, ki, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, h), lambda bi, ki, j: (bi, j, ki, 0))
-    qrow_all = pl.BlockSpec((None, tp), lambda bi, ki, j: (bi, 0))
-    krow_tile = pl.BlockSpec((None, bk), lambda bi, ki, j: (bi, j))
-    stat_group = pl.BlockSpec((None, tp, groups), lambda bi, ki, j: (bi, 0, ki))
+    q_group = pl.BlockSpec((SQ, tp, groups, h), lambda bi, ki, j: (bi, 0, ki, 0))
+    kv_tile = pl.BlockSpec((SQ, bk, SQ, h), lambda bi, ki, j: (bi, j, ki, 0))
+    qrow_all = pl.BlockSpec((SQ, tp), lambda bi, ki, j: (bi, 0))
+    krow_tile = pl.BlockSpec((SQ, bk), lambda bi, ki, j: (bi, j))
+    stat_group = pl.BlockSpec((SQ, tp, groups), lambda bi, ki, j: (bi, 0, ki))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, causal=causal, scale=float(scale), block_q=bq, groups=groups),
         out_shape=_out_structs((((b, sp, kh, h), jnp.float32),) * 2, *inputs),
