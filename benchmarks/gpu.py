@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import model  # noqa: E402
-from attention import attention  # noqa: E402
+from attention import attention, choose_kernel  # noqa: E402
 from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
 from sharding.planner import plan_memory  # noqa: E402
 from train.flops import train_step_flops  # noqa: E402
@@ -155,6 +155,7 @@ def bench_train_step(sizes: dict, on_gpu: bool) -> dict:
     peak, peak_note = device_peak_tflops()
     flops = train_step_flops(cfg, seq, 1)
     return dict(part="b", model=sizes["model"], seq=seq, status="ok", first_s=first, step_s=dt,
+                attention=f"{cfg.attention_impl}, kernel {choose_kernel(cfg.attention_kernel)}",
                 tokens_per_s=seq / dt, mfu=mfu(flops, dt, 1, peak), peak=peak_note,
                 loss=float(metrics["loss"]))  # fmt: skip
 

@@ -201,11 +201,11 @@ def test_ring_pallas_shard_zigzag_on_eight_devices():
 
 
 def test_model_attention_kernel_switch_reaches_the_kernel():
-    """``LlamaConfig.attention_kernel`` reaches `attention`: the tiny model's logits and gradients
-    with Pallas blockwise attention equal the jnp loops' (and a bad name is a config error)."""
+    """``LlamaConfig.attention_kernel`` reaches `attention`: the tiny model's loss and gradients
+    with Pallas blockwise attention under full remat equal the jnp loops' (a bad name is a config error)."""
     with pytest.raises(ConfigError, match="unknown attention_kernel 'triton'"):
         model.preset("tiny", attention_kernel="triton")
-    cfg = model.preset("tiny", attention_impl="blockwise", attention_chunk=8, num_layers=1)
+    cfg = model.preset("tiny", attention_impl="blockwise", attention_chunk=8, num_layers=1, remat_policy="full")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16))
     params = model.Llama(cfg).init(jax.random.key(0), tokens)["params"]
 
