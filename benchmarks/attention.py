@@ -1,4 +1,4 @@
-"""Causal attention fwd+bwd: dense reference, blockwise, and three ring variants on the 8-device mesh.
+"""Causal attention fwd+bwd: dense reference, blockwise, three ring variants and the `ringattention` package.
 
     python -m benchmarks.attention --seq-lens 8k,16k,32k,64k --json benchmarks/results/attention.json
 
@@ -19,12 +19,20 @@ Each case jit-compiles ``grad(sum(attention(q, k, v) · do))`` w.r.t. q, k, v an
   smallest S and fails if the two disagree. ``max/min`` is over the ring positions;
 - ``wall s``: best of ``--repeats`` timed runs after ``--warmup`` untimed ones, the cases of one S
   interleaved so that load from other jobs affects them alike. On the emulated mesh all 8
-  "devices" share the box's cores, so wall time measures total work, not per-device latency.
+  "devices" share the box's cores, so wall time measures total work, not per-device latency;
+- ``cpu s``: best process CPU time (all threads) of the same runs: the work done, less sensitive
+  than wall time to other jobs on a shared box (and to how well a case keeps the cores busy).
 
 Cases: ``reference`` (dense, one device; run only where its temp memory fits ``--dense-limit-gib``),
 ``blockwise`` (one device, at S and at S/8 for the memory target), ``ring-classic`` (contiguous
 layout, every hop and chunk pair computed and masked), ``ring-contiguous`` and ``ring-zigzag``
-(hops and chunk pairs hidden by the causal mask skipped).
+(hops and chunk pairs hidden by the causal mask skipped); ``package`` and ``package-ring``: the
+`ringattention` PyPI package (haoliuhl, 0.1.2, as used by LWM/EasyLM) on a one-device mesh (its
+blockwise kernel) and on the 8-device mesh (contiguous layout; it has no GQA, so K/V are repeated
+to the query heads first; causal via ``causal_block_size=1``, which skips chunk pairs above the
+diagonal). Install it with ``pip install -e '.[bench]'`` (or ``pip install --no-deps
+ringattention==0.1.2``); ``import ringattention`` fails on jax ≥ 0.5 (``jax.lib.xla_bridge``), so
+`_load_package` loads its ``ringattention_jax.py`` alone.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -42,7 +52,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attention import instrument  # noqa: E402
@@ -58,7 +68,56 @@ RING_CASES = {
     "ring-contiguous": ("contiguous", True),
     "ring-zigzag": ("zigzag", True),
 }
+PACKAGE_CASES = ("package", "package-ring")
 COUNT_CHUNK = 16
+
+
+def _load_package():
+    """The `ringattention` package's JAX module, loaded from its file (its ``__init__`` needs old jax)."""
+    try:
+        path = importlib.metadata.distribution("ringattention").locate_file("ringattention/ringattention_jax.py")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            "benchmarks.attention: the package cases need the ringattention package: "
+            "pip install -e '.[bench]' (or pip install --no-deps ringattention==0.1.2), or drop them from --cases."
+        ) from None
+    spec = importlib.util.spec_from_file_location("ringattention_jax", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _package_attend(args, mesh, chunk: int):
+    """``(q, k, v) -> out`` through the package's ``ring_attention`` inside ``shard_map`` on ``mesh``."""
+    module = _load_package()
+    kwargs = dict(
+        causal_block_size=1,
+        query_chunk_size=chunk,
+        key_chunk_size=chunk,
+        deterministic=True,
+        dropout_rng=None,
+        attn_pdrop=0.0,
+        dtype=jnp.float32,
+        policy=jax.checkpoint_policies.nothing_saveable,
+        precision=None,
+        prevent_cse=True,
+    )
+    spec = P(None, "sequence")
+
+    def shard(q, k, v):
+        return module.ring_attention(q, k, v, None, None, None, "sequence", True, kwargs)
+
+    def attend(q, k, v):
+        groups = args.heads // args.kv_heads  # no GQA in the package: K/V repeated to the query heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        return jax.shard_map(shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+    return attend
+
+
+def _auto_mesh(devices: int):
+    # The package's shard_map body uses plain jnp ops on the manual axis: an Auto mesh axis.
+    return jax.make_mesh((devices,), ("sequence",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices])
 
 
 def _parse_lengths(text: str) -> list[int]:
@@ -74,6 +133,8 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
         def attend(q, k, v):
             pos = default_positions(b, seq)  # traced iota: no [S, S] mask constant in the program
             return reference_attention(q, k, v, make_mask(pos, pos, None, None, True), args.head_dim**-0.5)[0]
+    elif kind in PACKAGE_CASES:
+        attend = _package_attend(args, mesh, chunk)
     elif kind == "blockwise":
 
         def attend(q, k, v):
@@ -114,7 +175,7 @@ def _count_blocks(kind: str, args, mesh, seq: int, chunk: int) -> list[int]:
 
 def measure(kind: str, args, mesh, seq: int, chunk: int) -> tuple[dict, object, list]:
     """Compile one case; memory, XLA cost and executed blocks. Returns ``(row, compiled, inputs)``."""
-    devices = mesh.shape["sequence"] if mesh is not None else 1
+    devices = mesh.shape["sequence"] if mesh is not None and kind != "package" else 1
     local = seq // devices
     row: dict = {"case": kind, "seq": seq, "devices": devices, "attn_flops_per_device": []}
     inputs = _inputs(args, seq, mesh)
@@ -127,7 +188,7 @@ def measure(kind: str, args, mesh, seq: int, chunk: int) -> tuple[dict, object, 
     row["xla_flops"] = float(cost.get("flops", float("nan")))
     if kind == "reference":
         row["attn_flops_per_device"] = [row["xla_flops"]]  # dense: no loops or conds, XLA's count is exact
-    elif args.run:
+    elif args.run and kind not in PACKAGE_CASES:
         # Executed attention blocks per device, from the same chunk grid at 16-token chunks.
         cq = min(chunk, local // 2) if kind.startswith("ring") else min(chunk, seq)
         scale = cq // COUNT_CHUNK if cq >= COUNT_CHUNK else 1
@@ -156,22 +217,26 @@ def time_cases(prepared: list, args) -> None:
             jax.block_until_ready(compiled(*inputs))
     for _ in range(args.repeats):
         for row, compiled, inputs in runnable:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(compiled(*inputs))
             row["wall_s"] = min(row.get("wall_s", float("inf")), time.perf_counter() - t0)
+            row["cpu_s"] = min(row.get("cpu_s", float("inf")), time.process_time() - c0)
 
 
 def _fmt_table(rows: list[dict]) -> str:
     head = "| S | case | devices | temp MiB/dev | XLA GFLOP/dev | attn GFLOP/dev (max) | max/min | attn GFLOP total"
-    head += " | wall s |"
-    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head += " | chunk | wall s | cpu s |"
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        flops = r["attn_flops_per_device"] or [float("nan")]
-        ratio = f"{max(flops) / min(flops):.2f}" if min(flops) else "inf"
-        wall = f"{r['wall_s']:.2f}" if "wall_s" in r else "not run"
+        flops = r["attn_flops_per_device"]
+        if flops:
+            counted = f"{max(flops) / 1e9:,.1f} | {max(flops) / min(flops):.2f} | {sum(flops) / 1e9:,.1f}"
+        else:
+            counted = "– | – | –"
+        wall = f"{r['wall_s']:.2f} | {r['cpu_s']:.2f}" if "wall_s" in r else "not run | –"
         lines.append(
             f"| {r['seq'] // 1024}K | {r['case']} | {r['devices']} | {r['temp_bytes'] / 2**20:,.1f} | "
-            f"{r['xla_flops'] / 1e9:,.1f} | {max(flops) / 1e9:,.1f} | {ratio} | {sum(flops) / 1e9:,.1f} | {wall} |"
+            f"{r['xla_flops'] / 1e9:,.1f} | {counted} | {r.get('chunk', '')} | {wall} |"
         )
     return "\n".join(lines)
 
@@ -185,6 +250,19 @@ def _targets(rows: list[dict]) -> list[str]:
             by.get(("ring-classic", seq)),
             by.get(("blockwise at S/8", seq)),
         )
+        for ours, theirs, limit in (
+            ("ring-zigzag", "package-ring", 0.70),
+            ("blockwise", "package", 0.70),
+            ("ring-zigzag", "blockwise", 1.15),
+        ):
+            a, b = by.get((ours, seq)), by.get((theirs, seq))
+            if a and b and "wall_s" in a and "wall_s" in b:
+                wall, cpu = a["wall_s"] / b["wall_s"], a["cpu_s"] / b["cpu_s"]
+                verdict = "met" if wall <= limit else "not met"
+                out.append(
+                    f"S={seq // 1024}K: {ours} / {theirs} fwd+bwd wall {wall:.2f}× (target ≤ {limit}: {verdict}), "
+                    f"cpu {cpu:.2f}×"
+                )
         if zig and small:
             zt, st = zig["temp_bytes"], small["temp_bytes"]
             out.append(
@@ -209,7 +287,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=512, help="chunk of blockwise and package")
+    parser.add_argument("--ring-chunk", type=int, default=None, help="chunk of the ring cases (default --chunk)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation is separate)")
     parser.add_argument("--time-up-to", default="64k", help="time only sequence lengths up to this")
@@ -225,16 +304,21 @@ def main(argv=None) -> None:
         )
     jax.config.update("jax_default_matmul_precision", "highest")
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=8))
+    meshes = {"package": _auto_mesh(1), "package-ring": _auto_mesh(8)}
+    ring_chunk = args.ring_chunk or args.chunk
     cases = args.cases.split(",")
     rows = []
     for seq in _parse_lengths(args.seq_lens):
         prepared = []
         for kind in cases:
-            prepared.append(measure(kind, args, mesh if kind.startswith("ring") else None, seq, args.chunk))
+            ring = kind.startswith("ring") or kind == "package-ring"
+            chunk = ring_chunk if ring else args.chunk
+            prepared.append(measure(kind, args, meshes.get(kind, mesh if ring else None), seq, chunk))
+            prepared[-1][0]["chunk"] = chunk
         if "blockwise" in cases:
             # Memory target: one device holding S/8 tokens with blockwise attention.
             prepared.append(measure("blockwise", args, None, seq // 8, args.chunk))
-            prepared[-1][0].update(case="blockwise at S/8", seq=seq)
+            prepared[-1][0].update(case="blockwise at S/8", seq=seq, chunk=args.chunk)
         time_cases(prepared, args)
         rows += [row for row, _, _ in prepared]
         del prepared
@@ -243,7 +327,7 @@ def main(argv=None) -> None:
     print()
     print(
         f"shapes: batch {args.batch}, {args.heads} query heads, {args.kv_heads} kv heads, head_dim {args.head_dim}, "
-        f"chunk {args.chunk}, fp32, causal, fwd+bwd; jax {jax.__version__} on {platform.machine()} "
+        f"chunk {args.chunk} (ring {ring_chunk}), fp32, causal, fwd+bwd; jax {jax.__version__} on {platform.machine()} "
         f"({os.cpu_count()} cores, 8 emulated devices)"
     )
     print(_fmt_table(rows))
