@@ -36,7 +36,15 @@ from train.optim import OptimConfig, make_optimizer, make_schedule
 from train.packing import pack_documents, unpack_documents
 from train.pose import PoseConfig, apply_pose, draw_pose_positions, pose_batch
 from train.report import RunResult
-from train.state import TrainState, abstract_state, init_state, state_shardings
+from train.state import (
+    TrainState,
+    abstract_state,
+    frozen_params,
+    full_params,
+    init_state,
+    merged_params,
+    state_shardings,
+)
 from train.step import make_eval_step, make_train_step
 from train.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -70,7 +78,10 @@ __all__ = [
     "dump_config",
     "flops_per_token",
     "heldout_batches",
+    "frozen_params",
+    "full_params",
     "init_state",
+    "merged_params",
     "load_config",
     "load_tokenizer",
     "make_eval_step",
