@@ -15,7 +15,7 @@ table that shards the real arrays (`sharding.rules`), so the plan follows the me
 - **layer working set**: the backward of one layer: the recomputed activations (under remat)
   plus their cotangents; FSDP all-gathers of one layer's weights (this one and the next);
 - **attention**: the implementation's working set: dense ``[t, s]`` fp32 scores for
-  ``reference``/``xla``; chunk tiles and fp32 accumulators for ``blockwise``; for ``ring``
+  ``reference``/``xla``; chunk tiles, chunk-major input copies and fp32 accumulators for ``blockwise``; for ``ring``
   also the K/V block in flight and the fp32 dK/dV travelling with it in the backward;
 - **logits / loss**: fp32 logits of one loss chunk (the train loss is chunked over positions),
   with their softmax and its gradient.
@@ -296,11 +296,13 @@ def plan_memory(
         attention_ws = 3 * b * scores + b * t * seq_len
     else:
         cq = ck = max(1, min(config.attention_chunk, t // 2 if impl == "ring" and t % 2 == 0 else t))
-        tile = 4 * 4 * b * n * cq * ck  # s, p, dp, ds for one chunk pair
-        acc = 4 * b * t * n * h * 2 + 4 * b * t * k * h * 2  # fp32 out/dq and dk/dv accumulators
+        tile = 2 * 4 * b * n * cq * ck  # fp32 logits and probabilities of one chunk pair (dP and dS fuse)
+        # Backward peak (attention.flash): chunk-major copies of q, dO, K and V in the compute dtype,
+        # fp32 dq/dk/dv accumulators and fp32 LSE and delta rows (the forward's fp32 state is smaller).
+        acc = b * t * n * h * (2 * A + 4) + b * t * k * h * (2 * A + 8) + 2 * 4 * b * t * n
         attention_ws = tile + acc
         if impl == "ring":
-            attention_ws += 2 * 2 * b * t * k * h * A  # K/V block in use + the next one in flight
+            attention_ws += 2 * b * t * k * h * A  # the next K/V block in flight
             attention_ws += 2 * b * t * k * h * 4  # dK/dV being sent on with their block
     positions = (seq_len if loss_chunk is None else min(loss_chunk, seq_len)) * t // seq_len
     logits = 3 * 4 * b * max(1, positions) * v + (A * b * positions * v if A != 4 else 0)
