@@ -287,8 +287,9 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=512, help="chunk of blockwise and package")
-    parser.add_argument("--ring-chunk", type=int, default=None, help="chunk of the ring cases (default --chunk)")
+    parser.add_argument("--chunk", type=int, default=512, help="chunk of blockwise")
+    parser.add_argument("--ring-chunk", type=int, default=None, help="chunk of our ring cases (default --chunk)")
+    parser.add_argument("--package-chunk", type=int, default=None, help="chunk of the package cases (default --chunk)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation is separate)")
     parser.add_argument("--time-up-to", default="64k", help="time only sequence lengths up to this")
@@ -312,7 +313,7 @@ def main(argv=None) -> None:
         prepared = []
         for kind in cases:
             ring = kind.startswith("ring") or kind == "package-ring"
-            chunk = ring_chunk if ring else args.chunk
+            chunk = args.package_chunk or args.chunk if kind in PACKAGE_CASES else ring_chunk if ring else args.chunk
             prepared.append(measure(kind, args, meshes.get(kind, mesh if ring else None), seq, chunk))
             prepared[-1][0]["chunk"] = chunk
         if "blockwise" in cases:
@@ -327,7 +328,8 @@ def main(argv=None) -> None:
     print()
     print(
         f"shapes: batch {args.batch}, {args.heads} query heads, {args.kv_heads} kv heads, head_dim {args.head_dim}, "
-        f"chunk {args.chunk} (ring {ring_chunk}), fp32, causal, fwd+bwd; jax {jax.__version__} on {platform.machine()} "
+        f"chunk {args.chunk} (ring {ring_chunk}, package {args.package_chunk or args.chunk}), fp32, causal, fwd+bwd; "
+        f"jax {jax.__version__} on {platform.machine()} "
         f"({os.cpu_count()} cores, 8 emulated devices)"
     )
     print(_fmt_table(rows))
