@@ -272,6 +272,8 @@ def flash_forward(
                 def run(carry):
                     acc, m, denom = carry
                     instrument.record("chunk_fwd", device_index)
+                    if masked:
+                        instrument.record("chunk_fwd_masked", device_index)
                     s = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
                     if masked:
                         mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]

@@ -33,7 +33,9 @@ def count_work() -> Iterator[collections.Counter]:
     """Enable counting for functions traced inside the block; yields the (cleared) counter.
 
     Keys are ``(kind, index)``: kind is ``chunk_fwd``/``chunk_bwd`` (one q-chunk × kv-chunk
-    block) or ``hop_fwd``/``hop_bwd`` (one ring hop), index the ring position (0 off a ring).
+    block), ``chunk_fwd_masked`` (the forward blocks among them that needed a mask: partly
+    visible ones, or every block when skipping is off) or ``hop_fwd``/``hop_bwd`` (one ring
+    hop), index the ring position (0 off a ring).
     """
     _COUNTS.clear()
     previous = _ENABLED[0]

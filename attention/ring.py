@@ -13,8 +13,10 @@ at hop i shard r holds the block that started on shard ``r − i``. Per hop:
   times: skipped, not computed and masked. Inside a hop, chunk pairs are skipped the same
   way (`attention.flash`), which is what balances the zigzag and striped layouts
   (`attention.layout`);
-- the hop's result merges into the running one in fp32 by LSE (`attention.merge`), query
-  chunk by query chunk, in place.
+- the hop's keys simply continue each query chunk's online softmax: the unnormalised fp32
+  state ``(acc, max, denominator)`` is carried from hop to hop (the LSE merge fused into the
+  chunk loop, in place) and normalised once after the last hop. Queries, K/V blocks and
+  accumulators stay in the chunk-major layout of `attention.flash` for the whole ring.
 
 The backward is a hand-written ``jax.custom_vjp`` fed with the *global* output and LSE: it
 runs the ring again, recomputing each hop's probabilities, and sends a dK/dV accumulator

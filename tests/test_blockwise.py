@@ -12,6 +12,7 @@ import pytest
 
 from attention import attention, instrument
 from attention.blockwise import blockwise_attention
+from attention.flash import kv_chunks, kv_unchunk, q_chunks, q_unchunk
 from attention.masks import make_mask
 from attention.reference import reference_attention
 
@@ -132,7 +133,8 @@ def test_blockwise_bf16_within_documented_bound():
 
 
 def test_causal_chunk_skipping_is_real():
-    """Causal, 4 chunks of 8: only the 10 chunk pairs on or below the diagonal run, forward and backward."""
+    """Causal, 4 chunks of 8: only the 10 chunk pairs on or below the diagonal run, forward and backward,
+    and only the 4 diagonal ones build a mask (the 6 below it take the mask-free path)."""
     q, k, v, d_out, _ = _inputs(0, 1, 32, 32, 2)
 
     def run(skip):
@@ -149,8 +151,8 @@ def test_causal_chunk_skipping_is_real():
             jax.effects_barrier()
             return dict(counts)
 
-    assert run(True) == {("chunk_fwd", 0): 10, ("chunk_bwd", 0): 10}
-    assert run(False) == {("chunk_fwd", 0): 16, ("chunk_bwd", 0): 16}
+    assert run(True) == {("chunk_fwd", 0): 10, ("chunk_bwd", 0): 10, ("chunk_fwd_masked", 0): 4}
+    assert run(False) == {("chunk_fwd", 0): 16, ("chunk_bwd", 0): 16, ("chunk_fwd_masked", 0): 16}
 
 
 def test_activation_memory_is_linear_in_length():
@@ -181,3 +183,15 @@ def test_api_dispatches_blockwise_and_rejects_half_segments():
     assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 1e-5
     with pytest.raises(ValueError, match="both"):
         blockwise_attention(q, k, v, q_segment_ids=seg)
+
+
+def test_chunk_major_layout_is_exact_and_groups_query_heads_by_kv_head():
+    x = np.arange(2 * 12 * 8 * 3, dtype=np.float32).reshape(2, 12, 8, 3)  # [b, t, n=8, h]
+    qc = np.asarray(q_chunks(x, 2, 4))  # 2 kv heads (g = 4), chunks of 4 tokens
+    assert qc.shape == (3, 2, 2, 16, 3)
+    # Row g·c + i of kv head kh in chunk j is token j·4 + i, query head kh·4 + g.
+    np.testing.assert_array_equal(qc[1, 0, 1, 2 * 4 + 3], x[0, 1 * 4 + 3, 1 * 4 + 2])
+    np.testing.assert_array_equal(np.asarray(q_unchunk(qc, 4)), x)
+    kv = x[:, :, :2]
+    np.testing.assert_array_equal(np.asarray(kv_chunks(kv, 4))[2, 1, 0, 1], kv[1, 2 * 4 + 1, 0])
+    np.testing.assert_array_equal(np.asarray(kv_unchunk(kv_chunks(kv, 4))), kv)
