@@ -324,3 +324,17 @@ def test_planner_counts_lora_like_xla(lora):
     assert np.isclose(plan.total, xla_total, rtol=0.25)
     full = plan_memory(cfg, t, b, mesh_cfg, "full", loss_chunk=64)
     assert plan.optimizer < full.optimizer / 2 and plan.grads < full.grads / 2
+
+
+def test_longlora_recipe_config_fits_one_node_where_full_fine_tuning_does_not():
+    from sharding.planner import plan_memory
+    from train.config import load_config, validate
+
+    cfg = load_config("configs/llama3-8b-128k-lora.yaml")
+    (plan,) = validate(cfg, num_devices=8)
+    assert cfg.lora.targets == ("q", "k", "v", "o") and cfg.lora.train_embeddings and cfg.lora.train_norms
+    assert plan.stage.seq_len == 131072 and plan.model.rope.theta > 5e7
+    args = dict(remat=plan.model.remat_policy, loss_chunk=cfg.loss_chunk)
+    lora = plan_memory(plan.model, plan.stage.seq_len, plan.stage.batch_size, plan.mesh, lora=cfg.lora, **args)
+    full = plan_memory(plan.model, plan.stage.seq_len, plan.stage.batch_size, plan.mesh, **args)
+    assert lora.fits(80 * 10**9) and not full.fits(80 * 10**9)
