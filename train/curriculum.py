@@ -54,7 +54,7 @@ from train.step import make_train_step
 
 # Model-config fields that describe how to run, not what the model is: a config's values for
 # these apply on top of an --init-from checkpoint's own config.
-EXEC_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk")
+EXEC_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk", "attention_kernel")
 
 
 def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
