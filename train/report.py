@@ -233,17 +233,17 @@ def _step_cost(run_dir: str, stage: str) -> dict:
 def extension(stages: dict, plans: list[StagePlan]) -> dict | None:
     """Stage 1 against the final stage and its sibling branches, at the training and the target length.
 
-    The first stage is "stage 1" (trained at ``train_length``); the last stage is the extended model
-    (its ``seq_len``, or its PoSE target, is ``target_length``). A *control* is another stage branched
+    The last stage is the extended model (its ``seq_len``, or its PoSE target, is ``target_length``);
+    "stage 1" is the stage it starts from (trained at ``train_length``). A *control* is another stage branched
     from the same stage as the last one, at the same length, with θ unchanged from that stage (so it
     differs from the extension only in θ); other siblings (e.g. a PoSE branch) are listed under
     ``branches``. Accuracies are the teacher-forced passkey scores of the per-stage tables (None where
     a length was not scored); None when the first or the last stage has no passkey results.
     """
-    base, final = plans[0], plans[-1]
-    if base is final or any("passkey" not in stages.get(p.name, {}) for p in (base, final)):
+    final = plans[-1]
+    base = src = start_plan(plans, final)
+    if base is None or any("passkey" not in stages.get(p.name, {}) for p in (base, final)):
         return None
-    src = start_plan(plans, final)
     target = _target_length(final)
     train_len = base.stage.seq_len
 
