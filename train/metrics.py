@@ -143,11 +143,15 @@ class StepTimer:
 class LineProgress:
     """Progress for logs (stdout not a terminal): one line per ~10% of the steps or every ``seconds``.
 
+    A 10% line closer than ``gap`` seconds to the previous line is skipped (a fast stage logs less).
+
     Same ``update`` / ``set_postfix`` / ``close`` calls as a tqdm bar, so the runner uses either.
     """
 
-    def __init__(self, total: int, initial: int, name: str, say=print, seconds: float = 60.0, parts: int = 10):
-        self.total, self.n, self.name, self.say, self.seconds = total, initial, name, say, seconds
+    def __init__(
+        self, total: int, initial: int, name: str, say=print, seconds: float = 60.0, parts: int = 10, gap: float = 5.0
+    ):
+        self.total, self.n, self.name, self.say, self.seconds, self.gap = total, initial, name, say, seconds, gap
         self._every = max(1, -(-total // parts))
         self._postfix = ""
         self._t0 = self._last = time.perf_counter()
@@ -157,8 +161,8 @@ class LineProgress:
         before, self.n = self.n, self.n + n
         now = time.perf_counter()
         crossed = before // self._every != self.n // self._every
-        quiet = now - self._last  # a boundary right after a timed line would only repeat it
-        if (crossed and quiet >= min(5.0, self.seconds)) or self.n == self.total or quiet >= self.seconds:
+        quiet = now - self._last  # a boundary within `gap` seconds of the last line would only repeat it
+        if (crossed and quiet >= self.gap) or self.n == self.total or quiet >= self.seconds:
             self._last = now
             done = self.n - self._start
             rate = done / max(now - self._t0, 1e-9)

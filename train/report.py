@@ -176,7 +176,8 @@ class Reporter:
         if lengths:
             by_stage = {n: s["passkey"]["aggregates"] for n, s in stages.items() if "passkey" in s}
             lines += ["", passkey_table(by_stage, lengths)]
-            lines += _extension_verdict(stages)
+            if "extension" not in self.data:  # a linear run without a stage to compare against
+                lines += _extension_verdict(stages)
         if "extension" in self.data:
             lines += ["", extension_table(self.data["extension"])]
         if "hf_export" in self.data:
@@ -305,6 +306,11 @@ def extension_table(ext: dict) -> str:
     p_l, p_t = ext.get("stage1_perplexity_at_train"), ext.get("stage1_perplexity_at_target")
     if p_l is not None and p_t is not None:
         lines.append(f"stage 1 held-out perplexity: {p_l:.3f} at {L}, {p_t:.3f} at {T}")
+    a_t, a_x = ext["stage1_at_target"], ext["extended_at_target"]
+    if a_t is not None and a_x is not None:
+        met = a_x >= RETRIEVAL_TARGET and a_t < RETRIEVAL_TARGET
+        lines.append(f"passkey at {T}: stage 1 {a_t:.0%} → extended {a_x:.0%} (target: ≥ {RETRIEVAL_TARGET:.0%} "
+                     f"after extension where stage 1 is below it: {'met' if met else 'NOT met'})")  # fmt: skip
     return "\n".join(lines)
 
 
