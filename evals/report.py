@@ -120,7 +120,7 @@ def plot_extension(path: str, series: dict[str, dict], title: str = "passkey acc
         series: ``{label: {"accuracy": {length: score}, "trained_length": int | None}}``, in legend order.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=HEATMAP_SIZE, dpi=HEATMAP_DPI)
+    fig, ax = plt.subplots(figsize=(HEATMAP_SIZE[0], HEATMAP_SIZE[1] + 0.3 * (len(series) + 1) // 2), dpi=HEATMAP_DPI)
     lengths = sorted({int(n) for s in series.values() for n in s["accuracy"]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(series.items()):
@@ -141,7 +141,8 @@ def plot_extension(path: str, series: dict[str, dict], title: str = "passkey acc
     ax.set_ylabel("passkey accuracy (teacher-forced)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # Below the axes: lines cross the whole plot, so any legend inside it hides some of them.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=HEATMAP_DPI)
