@@ -170,14 +170,8 @@ def attention(
             scale=scale,
             chunk_size=chunk_size,
             skip_future_hops=skip_future_hops,
+            kernel=kernel,
         )
-    if impl == "blockwise" and kernel == "pallas":
-        from attention.pallas_attention import PallasConfig, pallas_attention
-
-        q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-        kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-        cfg = PallasConfig.for_chunk(causal, scale, chunk_size)
-        return pallas_attention(q, k, v, q_positions, kv_positions, q_seg, kv_seg, cfg)[0]
     if impl == "blockwise":
         from attention.blockwise import blockwise_attention
 
@@ -192,6 +186,7 @@ def attention(
             causal=causal,
             scale=scale,
             chunk_size=chunk_size,
+            kernel=kernel,
         )
         return out
     mask = make_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, causal)

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attention.api import choose_kernel
 from attention.flash import (
     ChunkConfig,
     finalize,
@@ -32,6 +33,7 @@ from attention.flash import (
     token_chunks,
 )
 from attention.masks import default_positions
+from attention.pallas_attention import PallasConfig, pallas_attention
 
 
 def blockwise_attention(
@@ -47,6 +49,7 @@ def blockwise_attention(
     scale: float | None = None,
     chunk_size: int = 512,
     skip_masked_chunks: bool = True,
+    kernel: str = "jnp",
 ) -> tuple[jax.Array, jax.Array]:
     """Exact grouped-query attention computed chunk by chunk.
 
@@ -59,6 +62,8 @@ def blockwise_attention(
         scale: logit multiplier, default ``h ** -0.5``.
         chunk_size: query and key chunk length (need not divide t or s).
         skip_masked_chunks: False computes and masks every chunk pair (benchmarks only).
+        kernel: ``jnp`` (these chunk loops), ``pallas`` (`attention.pallas_attention`, tiles from
+            ``chunk_size``) or ``auto`` (`attention.choose_kernel`).
 
     Returns:
         out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]``; rows with no visible
@@ -74,6 +79,9 @@ def blockwise_attention(
     kv_pos = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
     q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    if choose_kernel(kernel) == "pallas":
+        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size)
+        return pallas_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg)
     cfg = ChunkConfig(
         causal=causal,
         scale=float(h**-0.5 if scale is None else scale),

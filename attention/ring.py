@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from attention import instrument
-from attention.api import AttentionError
+from attention.api import AttentionError, choose_kernel
 from attention.flash import (
     ChunkConfig,
     block_is_masked,
@@ -59,6 +59,7 @@ from attention.flash import (
     vary_like,
 )
 from attention.masks import default_positions
+from attention.pallas_attention import PallasConfig, ring_pallas_shard
 
 
 class RingError(AttentionError):
@@ -92,6 +93,7 @@ def ring_attention_shard(
     scale: float | None = None,
     chunk_size: int = 512,
     skip_future_hops: bool = True,
+    kernel: str = "jnp",
 ) -> tuple[jax.Array, jax.Array]:
     """Ring attention for one shard; call inside ``jax.shard_map`` over ``axis_name``.
 
@@ -103,6 +105,8 @@ def ring_attention_shard(
         causal, scale, chunk_size: as for `attention.blockwise.blockwise_attention`.
         skip_future_hops: False gives the classic ring (every hop and chunk pair computed
             and masked), for benchmarks.
+        kernel: per-hop kernel: ``jnp`` (these chunk loops), ``pallas``
+            (`attention.pallas_attention.ring_pallas_shard`) or ``auto`` (`attention.choose_kernel`).
 
     Returns:
         out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]`` over all shards' keys.
@@ -114,6 +118,9 @@ def ring_attention_shard(
         raise RingError("ring attention: give both q_segment_ids and kv_segment_ids, or neither.")
     q_seg = jnp.zeros_like(q_pos) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros_like(kv_pos) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    if choose_kernel(kernel) == "pallas":
+        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size)
+        return ring_pallas_shard(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg, axis_name, skip_future_hops)
     chunk = ChunkConfig(
         causal=causal,
         scale=float(h**-0.5 if scale is None else scale),
@@ -247,6 +254,7 @@ def sharded_attention(
     skip_future_hops: bool = True,
     axis_name: str = "sequence",
     return_lse: bool = False,
+    kernel: str = "jnp",
 ):
     """Ring attention on globally shaped arrays: runs `ring_attention_shard` under ``jax.shard_map``.
 
@@ -262,6 +270,7 @@ def sharded_attention(
         q_segment_ids / kv_segment_ids: int ``[b, t]`` / ``[b, s]``, both or neither.
         causal, scale, chunk_size, skip_future_hops: as for `ring_attention_shard`.
         return_lse: also return the fp32 ``[b, t, n]`` LSE.
+        kernel: per-hop kernel, as for `ring_attention_shard`.
 
     Returns:
         ``out [b, t, n, h]`` (and ``lse``), sharded like the inputs.
@@ -308,8 +317,12 @@ def sharded_attention(
         scale=scale,
         chunk_size=chunk_size,
         skip_future_hops=skip_future_hops,
+        kernel=kernel,
     )
+    # Pallas's interpret mode does not type its loops' manual axes (jax 0.10), so the Pallas ring
+    # runs unchecked; the jnp ring keeps the check.
+    check = choose_kernel(kernel) == "jnp"
     out, lse = jax.shard_map(
-        shard_fn, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=True
+        shard_fn, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=check
     )(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     return (out, lse) if return_lse else out
