@@ -163,7 +163,7 @@ MODEL_FIELD_HELP = {
     "remat_policy": "rematerialisation: none | full | dots | dots_with_no_batch_dims",
     "attention_impl": "auto | reference | xla | blockwise | ring",
     "attention_chunk": "KV chunk of blockwise/ring attention",
-    "attention_kernel": "local kernel of blockwise/ring: auto (pallas on GPU/TPU, jnp on CPU) | jnp | pallas",
+    "attention_kernel": "local kernel of blockwise/ring: auto (pallas on GPU, jnp elsewhere) | jnp | pallas",
 }
 
 
