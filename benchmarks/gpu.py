@@ -1,9 +1,9 @@
 """One prepared GPU benchmark (under 8 minutes on one H100/H200): attention kernels, train-step MFU, longest fit.
 
-    python -m benchmarks.gpu OUT_DIR            # on the GPU machine
-    python -m benchmarks.gpu OUT_DIR --smoke    # tiny sizes, CPU, end to end (Pallas in interpret mode)
+    python -m benchmarks.gpu --out DIR            # on the GPU machine
+    python -m benchmarks.gpu --out DIR --smoke    # tiny sizes, CPU, end to end (Pallas in interpret mode)
 
-Parts, all on one device, printed as one table and written to ``OUT_DIR/gpu_benchmark.json``:
+Parts, all on one device, printed as one table and written to ``DIR/gpu_benchmark.json``:
 
 (a) attention forward+backward, bf16, causal, 32 query / 8 kv heads, head_dim 128, at 8K/16K/32K:
     cuDNN flash (``jax.nn.dot_product_attention(implementation="cudnn")``) against ringllama
@@ -225,7 +225,7 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", help="directory for gpu_benchmark.json (created)")
+    p.add_argument("--out", dest="out_dir", required=True, help="directory for gpu_benchmark.json (created)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU): check the script end to end")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this, default 420")
     args = p.parse_args(argv)
