@@ -22,16 +22,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from attention.blockwise import blockwise_attention
+from attention.kernels import KERNELS, AttentionError, choose_kernel
 from attention.masks import default_positions, make_mask
+from attention.reference import reference_attention
+from attention.ring import sharded_attention
+from attention.xla import xla_attention
+
+__all__ = ["IMPLS", "KERNELS", "AttentionError", "attention", "choose_impl", "choose_kernel", "ring_problem"]
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
-KERNELS = ("auto", "jnp", "pallas")
 # Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
 _DENSE_MAX_KEYS = 1024
-
-
-class AttentionError(ValueError):
-    """Inputs the attention implementations cannot take; the message says what to change."""
 
 
 def ring_problem(q: jax.Array, k: jax.Array, mesh) -> str | None:
@@ -60,20 +62,6 @@ def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = No
     if platform == "gpu" and q.shape[-1] in (64, 128) and q.dtype in (jnp.bfloat16, jnp.float16):
         return "xla"
     return "reference" if k.shape[1] <= _DENSE_MAX_KEYS else "blockwise"
-
-
-def choose_kernel(kernel: str = "auto", platform: str | None = None) -> str:
-    """The local kernel ``kernel`` resolves to: ``jnp`` or ``pallas``.
-
-    ``auto`` is ``pallas`` on GPU (Triton) and ``jnp`` elsewhere: on CPU the kernels would run in
-    Pallas's (slow) interpret mode, and on TPU their block layout does not yet meet Mosaic's
-    tiling rules, so ``jnp`` stays the TPU default until it is measured there.
-    """
-    if kernel not in KERNELS:
-        raise AttentionError(f"unknown attention kernel {kernel!r}: use one of {', '.join(KERNELS)}.")
-    if kernel != "auto":
-        return kernel
-    return "pallas" if (platform or jax.default_backend()) == "gpu" else "jnp"
 
 
 def attention(
@@ -145,8 +133,6 @@ def attention(
 
     if impl == "xla":
         if xla_plain:
-            from attention.xla import xla_attention
-
             return xla_attention(q, k, v, scale, is_causal=causal)
         impl = "blockwise"
 
@@ -155,8 +141,6 @@ def attention(
             raise AttentionError("impl='ring' needs mesh=: a jax Mesh with a 'sequence' axis.")
         if problem := ring_problem(q, k, mesh):
             raise AttentionError(f"impl='ring' cannot run: {problem}; impl='auto' falls back to blockwise.")
-        from attention.ring import sharded_attention
-
         return sharded_attention(
             q,
             k,
@@ -173,8 +157,6 @@ def attention(
             kernel=kernel,
         )
     if impl == "blockwise":
-        from attention.blockwise import blockwise_attention
-
         out, _ = blockwise_attention(
             q,
             k,
@@ -190,6 +172,4 @@ def attention(
         )
         return out
     mask = make_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, causal)
-    from attention.reference import reference_attention
-
     return reference_attention(q, k, v, mask, scale)[0]

@@ -16,7 +16,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attention.api import choose_kernel
 from attention.flash import (
     ChunkConfig,
     finalize,
@@ -32,6 +31,7 @@ from attention.flash import (
     stat_unchunk,
     token_chunks,
 )
+from attention.kernels import choose_kernel
 from attention.masks import default_positions
 from attention.pallas_attention import PallasConfig, pallas_attention
 

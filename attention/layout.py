@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention.api import AttentionError
+from attention.kernels import AttentionError
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 

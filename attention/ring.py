@@ -39,7 +39,6 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from attention import instrument
-from attention.api import AttentionError, choose_kernel
 from attention.flash import (
     ChunkConfig,
     block_is_masked,
@@ -58,6 +57,7 @@ from attention.flash import (
     token_chunks,
     vary_like,
 )
+from attention.kernels import AttentionError, choose_kernel
 from attention.masks import default_positions
 from attention.pallas_attention import PallasConfig, ring_pallas_shard
 
