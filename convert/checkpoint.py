@@ -31,6 +31,7 @@ from model.config import ConfigError, LlamaConfig
 
 CONFIG_FILE = "ringllama_config.json"
 PARAMS_DIR = "params"
+LORA_CONFIG_FILE = "lora_config.json"  # beside the config in a LoRA checkpoint (`convert.peft`)
 Params = dict[str, Any]
 
 
@@ -214,6 +215,11 @@ def load_model(
     from convert.meta import is_meta_checkpoint, load_meta  # meta imports torch lazily; keep it off this path
 
     p = Path(path)
+    if (p / LORA_CONFIG_FILE).is_file():  # its base kernels without the adapters are neither model
+        raise ConversionError(
+            f"{p} is a LoRA checkpoint (base + adapters): load <run_dir>/final (merged), or merge it with "
+            "'python -m convert flax-to-hf SRC DST --merge-lora'."
+        )
     if is_ringllama_checkpoint(p):
         stored = read_config(p)
         if scan_layers is None or scan_layers == stored.scan_layers:

@@ -46,7 +46,7 @@ def flax_to_hf(
         )
     if merge_lora:
         cfg, lora, params, _ = load_lora_checkpoint(src)
-        params = merge_numpy(params, lora)
+        params = merge_numpy(params, lora, "float32")  # W + ΔW in fp32 even on a bf16 base; --dtype casts after
     else:
         cfg, params = load_checkpoint(src)
     save_hf(cfg, params, dst, max_shard_size=max_shard_size, dtype=dtype, side_files_from=src)

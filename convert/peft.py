@@ -32,13 +32,12 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from convert.atomic import staged_directory
-from convert.checkpoint import CONFIG_FILE, PARAMS_DIR, _saver, load_checkpoint
+from convert.checkpoint import CONFIG_FILE, LORA_CONFIG_FILE, PARAMS_DIR, _saver, load_checkpoint
 from convert.names import ConversionError, expected_tensors, flax_to_hf, get_param
 from convert.tree import check_params, flatten, set_path
 from model import lora as lora_lib
 from model.config import LlamaConfig
 
-LORA_CONFIG_FILE = "lora_config.json"
 ADAPTERS_DIR = "adapters"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         "--lora-targets", default="q,k,v,o", help="adapted kernels, from q,k,v,o,gate,up,down (default q,k,v,o)"
     )
     plan.add_argument(
-        "--lora-frozen",
+        "--lora-trained",
         default="embeddings,norms",
-        help="LongLoRA trains embeddings and norms too; 'none' freezes them (default: embeddings,norms trained)",
+        help="non-adapter leaves that train beside the adapters, from embeddings,norms or 'none' (default "
+        "embeddings,norms: LongLoRA's recipe)",
     )
     plan.add_argument("--lora-base-dtype", choices=("float32", "bfloat16", "float16"), help="frozen base dtype")
     plan.add_argument(
@@ -81,7 +82,11 @@ def _lora_config(args):
         return None
     from model.lora import LoraConfig
 
-    trained = {x.strip() for x in args.lora_frozen.split(",") if x.strip() and x.strip() != "none"}
+    trained = {x.strip() for x in args.lora_trained.split(",") if x.strip() and x.strip() != "none"}
+    if unknown := trained - {"embeddings", "norms"}:
+        raise UsageError(
+            f"--lora-trained takes embeddings, norms or none, not {', '.join(sorted(unknown))}: fix the list."
+        )
     return LoraConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha,

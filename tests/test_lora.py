@@ -272,6 +272,8 @@ def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache
     losses = lambda d: [r["loss"] for r in read_metrics(str(d / "metrics.jsonl")) if r["kind"] == "train"]  # noqa: E731
     run(cfg, run_dir=str(tmp_path / "a"), init_from=str(base_dir), say=quiet)
     run(cfg, run_dir=str(tmp_path / "b"), init_from=str(base_dir), stop_after=3, say=quiet)
+    with pytest.raises(ConfigError, match="resume it with --init-from"):  # not onto the seed's random base
+        run(cfg, run_dir=str(tmp_path / "b"), resume=True, say=quiet)
     run(cfg, run_dir=str(tmp_path / "b"), init_from=str(base_dir), resume=True, say=quiet)
     assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "b") == losses(tmp_path / "a")
 
@@ -279,6 +281,8 @@ def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache
     assert ckpt_bytes < sum(x.nbytes for x in jax.tree.leaves(base))  # adapters + norms + embeddings only
     _, lora, params, base_name = load_lora_checkpoint(tmp_path / "a" / "lora")
     assert lora == cfg.lora and base_name == str(base_dir)
+    with pytest.raises(convert.ConversionError, match="is a LoRA checkpoint"):  # not a hybrid without adapters
+        convert.load_model(tmp_path / "a" / "lora")
     np.testing.assert_array_equal(
         params["layers"]["attn"]["k_proj"]["kernel"], base["layers"]["attn"]["k_proj"]["kernel"]
     )

@@ -94,6 +94,7 @@ def test_cli(capsys):
         (["--device-memory", "80"], "has no unit"),
         (["--loss-chunk", "-1"], "--loss-chunk must be"),
         (["--preset", "llama9"], "unknown preset 'llama9'"),
+        (["--lora-rank", "16", "--lora-trained", "embedding"], "--lora-trained takes embeddings, norms or none"),
     ]:
         assert main(argv + bad) == 2
         err = capsys.readouterr().err

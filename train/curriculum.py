@@ -124,9 +124,12 @@ def run(
         )
 
     meta: dict[str, Any] | None = None
+    lora_base = os.path.abspath(init_from) if cfg.lora is not None and init_from else None
     if resume:
         meta = _latest_meta(ckpt_dir, cfg)
         base = LlamaConfig.from_dict(meta["base_model"])
+        if cfg.lora is not None and "lora_base" in meta:
+            _check_lora_base(meta["lora_base"], lora_base)
     else:
         base = base_model(cfg, init_from)
     plans = validate(cfg, jax.device_count(), jax.process_count(), base)
@@ -175,6 +178,7 @@ def run(
                 state = init_state(
                     plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params, lora=cfg.lora
                 )
+                del params  # a LoRA state holds its own (cast) frozen copy: free the loaded one
             elif start is not prev_plan:
                 say(f"{plan.name}: starts from the end of {start.name} (a branch)")
                 state = move_state(_branch_source(ends, start, plans, ckptr), start, plan, mesh, say, lora=cfg.lora)
@@ -185,6 +189,7 @@ def run(
                 state, global_step, stage_step, last_saved = _train_stage(
                     cfg, plan, mesh, state, ckptr, logger, base, rng, peak,
                     global_step, stage_step, last_saved, resume_data, stop_after, lead, stage_depth(plans, plan), say,
+                    lora_base=lora_base,
                 )  # fmt: skip
             more = stage_step < stage.steps or plan.index + 1 < len(plans)
             if stage_step < stage.steps or (stop_after is not None and global_step >= stop_after and more):
@@ -214,7 +219,7 @@ def run(
 
 def _train_stage(
     cfg, plan, mesh, state, ckptr, logger, base, rng, peak, global_step, stage_step, last_saved, resume_data,
-    stop_after, lead, depth, say,
+    stop_after, lead, depth, say, lora_base=None,
 ):  # fmt: skip
     """Train ``plan`` from ``stage_step`` to its end (or to ``stop_after``); returns the loop counters."""
     stage = plan.stage
@@ -276,7 +281,7 @@ def _train_stage(
         every = cfg.checkpoint.every
         stopping = stop_after is not None and global_step >= stop_after
         if stage_step == stage.steps or stopping or (every and global_step % every == 0):
-            _save(ckptr, global_step, state, plan, stage_step, rng, base, done_state)
+            _save(ckptr, global_step, state, plan, stage_step, rng, base, done_state, lora_base)
             last_saved = global_step
         if stopping:
             break
@@ -318,7 +323,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, data_state) -> None:
+def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, data_state, lora_base=None) -> None:
     meta = {
         "global_step": int(global_step),
         "stage": plan.index,
@@ -328,9 +333,19 @@ def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, dat
         "rng": np.asarray(rng).tolist(),
         "base_model": base.to_dict(),
         "model": plan.model.to_dict(),  # the config this state trains: its stage's θ and max positions
+        "lora_base": lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
     }
     json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
     ckptr.save(global_step, state, meta)
+
+
+def _check_lora_base(saved: str | None, given: str | None) -> None:
+    """A resumed LoRA run must re-attach the frozen base its adapters were trained on."""
+    if saved == given:
+        return
+    if saved is None:
+        raise ConfigError(f"this LoRA run adapts the seed's random base, not {given}: resume it without --init-from.")
+    raise ConfigError(f"this LoRA run adapts {saved}: resume it with --init-from {saved}.")
 
 
 def _lora_base(cfg: TrainConfig, init_from: str | None, plan: StagePlan, mesh, rng, say):
@@ -358,6 +373,8 @@ def _save_lora(run_dir: str, plan: StagePlan, lora, state, init_from: str | None
     from train.state import full_params
 
     params = jax.device_get(full_params(state))
+    for stale in ("lora", "peft"):  # a resumed run that appended a stage writes them again
+        shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
     save_lora_checkpoint(os.path.join(run_dir, "lora"), plan.model, lora, params, base_model_name_or_path=init_from)
     try:
         save_peft(os.path.join(run_dir, "peft"), plan.model, lora, params, init_from)
