@@ -200,14 +200,18 @@ def run(
                 nxt = plans[plan.index + 1] if plan.index + 1 < len(plans) else None
                 for record in reporter.end_of_stage(_merged_view(state, plan, mesh, cfg), plan, nxt, mesh, global_step):
                     logger.log(record)
-            if plan.name in branch_points:  # a copy: the next stage's train step donates these buffers
+            # A host copy (the next stage's train step donates these buffers); a multi-process state
+            # cannot be fetched to one host, so there the branch restores its stage-end checkpoint.
+            if plan.name in branch_points and jax.process_count() == 1:
                 ends[plan.name] = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(state))
             prev_plan, stage_step, meta = plan, 0, None
         ckptr.wait()
         final = plans[-1]
         result = reporter.finish(_merged_view(state, final, mesh, cfg), final, make_mesh(final.mesh), global_step,
                                  stopped=False)  # fmt: skip
-        if cfg.lora is not None and lead:
+        if cfg.lora is not None and lead and jax.process_count() > 1:
+            say("multi-process run: the adapters are the last checkpoint in checkpoints/ (no lora/ or peft/ export)")
+        elif cfg.lora is not None and lead:
             _save_lora(run_dir, final, cfg.lora, state, init_from, say)
     finally:
         ckptr.close()
@@ -295,6 +299,7 @@ def _branch_source(ends: dict[str, Any], src: StagePlan, plans: list[StagePlan],
     if src.name in ends:
         return ends[src.name]
     end_step = sum(p.stage.steps for p in plans[: src.index + 1])
+    ckptr.wait()  # the stage-end save may still be in flight
     if end_step not in ckptr.all_steps():
         raise ConfigError(
             f"stage {src.name!r} is the start of a later branch but its stage-end checkpoint (global step "
