@@ -166,6 +166,8 @@ def test_attention_blockwise_pallas_kernel_matches_jnp_and_reference():
 def test_kernel_choice():
     assert choose_kernel("auto", "cpu") == "jnp"
     assert choose_kernel("auto", "gpu") == "pallas"
+    assert choose_kernel("auto", "gpu", head_dim=128) == "pallas"
+    assert choose_kernel("auto", "gpu", head_dim=96) == "jnp"  # Triton loads power-of-two tiles only
     assert choose_kernel("pallas", "cpu") == "pallas"
     assert choose_kernel("jnp", "gpu") == "jnp"
     with pytest.raises(AttentionError, match="unknown attention kernel 'triton'"):
