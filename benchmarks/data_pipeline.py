@@ -18,7 +18,7 @@ import time
 
 
 def _corpus(directory: str) -> str:
-    from evals import haystack_text
+    from text import haystack_text
 
     text = haystack_text()
     path = os.path.join(directory, "prose.jsonl")

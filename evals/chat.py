@@ -7,13 +7,13 @@ user turn and the answer prefix starts the assistant turn (as RULER does).
 
 from __future__ import annotations
 
-from evals.synthetic import PromptFormat
+from text.synthetic import PromptFormat
 
 _SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 def _special_id(tokenizer, token: str) -> int | None:
-    """The id of a special token, for the tokenizer kinds of `train.tokenizer` (None if absent)."""
+    """The id of a special token, for the tokenizer kinds of `text.tokenizer` (None if absent)."""
     hf = getattr(tokenizer, "_tok", None)  # HFTokenizer wraps a tokenizers.Tokenizer
     if hf is not None:
         return hf.token_to_id(token)

@@ -16,10 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from evals.haystack import HaystackError, load_haystack
 from evals.loading import EvalInputError
 from evals.ruler import RULER_TASKS
-from evals.synthetic import OverheadError
+from text.haystack import HaystackError, load_haystack
+from text.synthetic import OverheadError
 
 TASK_KINDS = ("passkey", "niah", "ruler", "perplexity")
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from evals.runner import Runner
 from evals.scoring import METRICS, truncate_prediction
-from evals.synthetic import PromptFormat
 from evals.tasks import Cell, Task, cell_samples
+from text.synthetic import PromptFormat
 
 
 def evaluate(

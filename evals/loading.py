@@ -60,7 +60,7 @@ def load_eval_tokenizer(model_path: str, spec: str | None, config: LlamaConfig |
 
     With ``config`` the tokenizer's ids must fit the model's vocabulary (see `check_vocab`).
     """
-    from train.tokenizer import TokenizerError, load_tokenizer
+    from text.tokenizer import TokenizerError, load_tokenizer
 
     if spec is None:
         own = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(model_path, f))]

@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from evals.haystack import HaystackError, haystack_text, read_documents
 from evals.loading import EvalInputError
+from text.haystack import HaystackError, haystack_text, read_documents
 
 
 def load_documents(spec: str) -> list[str]:

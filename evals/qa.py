@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from evals.haystack import Haystack, HaystackError
-from evals.synthetic import PromptFormat, as_rng, compose
+from text.haystack import Haystack, HaystackError
+from text.synthetic import PromptFormat, as_rng, compose
 
 _INSTRUCTION = (
     "Answer the question based on the given documents. Only give me the answer and do not output any other words."

@@ -22,8 +22,8 @@ from collections import Counter
 
 import numpy as np
 
-from evals.haystack import haystack_text, sentences_to_stream
-from evals.synthetic import OverheadError, PromptFormat, as_rng, compose
+from text.haystack import haystack_text, sentences_to_stream
+from text.synthetic import OverheadError, PromptFormat, as_rng, compose
 
 _NIAH_HEAD = (
     "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "

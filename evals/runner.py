@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from evals.generation import greedy_generate
-from evals.synthetic import Sample
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.params import lm_head_kernel
+from text.synthetic import Sample
 
 
 @dataclass(frozen=True)

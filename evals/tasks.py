@@ -16,7 +16,7 @@ import numpy as np
 
 from evals.qa import qa_sample
 from evals.ruler import RULER_TASKS, ruler_sample
-from evals.synthetic import PromptFormat, Sample, niah_sample, passkey_sample
+from text.synthetic import PromptFormat, Sample, niah_sample, passkey_sample
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def tiny_tokenizer_json(path: str) -> None:
     """Train a byte-level BPE tokenizer (384 ids; <pad>=0, <s>=1, </s>=2) on the pydoc prose, offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from evals import haystack_text
+    from text import haystack_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from attention.layout import LayoutError, from_layout
-from evals import PASSKEY_INTRO
+from text import PASSKEY_INTRO
+from text.tokenizer import ByteTokenizer
 from train.data import heldout_batches, make_iterator
 from train.data_config import DataConfig, DataError
 from train.packing import unpack_documents
 from train.sources import FileSource
-from train.tokenizer import ByteTokenizer
 
 TEXTS = [f"document {i}: " + " ".join(["word"] * (3 + 7 * i)) + "." for i in range(12)]
 
@@ -234,7 +234,7 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
     with pytest.raises(DataError, match=r"cannot read .*broken\.jsonl \(data\.sources\[0\]\) as json \(.*Error"):
         make_iterator(_cfg(tmp_path / "broken.jsonl"), 64, 2, seed=0)
-    from train.tokenizer import TokenizerError
+    from text.tokenizer import TokenizerError
 
     with pytest.raises(TokenizerError, match="does not exist"):
         make_iterator(_cfg(path, tokenizer=str(tmp_path / "tok.json"), src={"text_field": "body"}), 64, 2, seed=0)

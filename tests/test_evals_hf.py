@@ -13,11 +13,11 @@ import pytest
 import torch
 from evals_fixtures import tiny_hf_dir
 
-from evals import niah_sample, passkey_sample
 from evals.cli import main
 from evals.loading import load_eval_tokenizer, load_model
 from evals.report import HEATMAP_DPI, HEATMAP_SIZE
 from evals.runner import Runner
+from text import niah_sample, passkey_sample
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 import model
-from evals import passkey_sample
 from evals.generation import greedy_generate, ring_prefill
 from evals.runner import Runner
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import batch_sharding, shard_params
-from train.tokenizer import ByteTokenizer
+from text import passkey_sample
+from text.tokenizer import ByteTokenizer
 
 CFG = model.preset("tiny")
 T = 300  # not a multiple of the ring size: the padding path is exercised

@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 
 from evals.chat import llama3_chat_format
-from evals.haystack import HaystackError
 from evals.qa import qa_sample
 from evals.ruler import RULER_TASKS, ruler_sample
-from evals.synthetic import passkey_sample
-from train.tokenizer import ByteTokenizer
+from text.haystack import HaystackError
+from text.synthetic import passkey_sample
+from text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
@@ -92,7 +92,7 @@ def test_qa_from_squad_and_hotpot_files(tmp_path):
 def test_chat_template_frames_the_prompt(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from train.tokenizer import HFTokenizer
+    from text.tokenizer import HFTokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from evals import (
+from text import (
     FILLER,
     PASSKEY_INTRO,
     HaystackError,
@@ -17,7 +17,7 @@ from evals import (
     passkey_sample,
     token_stream,
 )
-from train.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

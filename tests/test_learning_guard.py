@@ -21,9 +21,9 @@ import numpy as np
 
 import convert
 from model.llama import Llama
+from text.tokenizer import ByteTokenizer
 from train.config import from_dict
 from train.curriculum import run
-from train.tokenizer import ByteTokenizer
 
 
 def _doc(rng: np.random.Generator) -> tuple[str, str]:

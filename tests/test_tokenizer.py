@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer
+from text.tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer
 
 TEXT = "Ring attention carries 1,048,576 tokens — ünïcödé too.\nNew line."
 

@@ -46,11 +46,9 @@ from train.state import (
     state_shardings,
 )
 from train.step import make_eval_step, make_train_step
-from train.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
     "DEVICE_PEAK_TFLOPS",
-    "ByteTokenizer",
     "CheckpointConfig",
     "CheckpointError",
     "Checkpointer",
@@ -83,7 +81,6 @@ __all__ = [
     "init_state",
     "merged_params",
     "load_config",
-    "load_tokenizer",
     "make_eval_step",
     "make_iterator",
     "make_optimizer",

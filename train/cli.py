@@ -68,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.config import ConfigError
     from sharding.distributed import DistributedError, initialize_distributed
     from sharding.mesh import MeshError
+    from text.tokenizer import TokenizerError
     from train.checkpoint import CheckpointError
     from train.data_config import DataError
     from train.guards import NonFiniteError
-    from train.tokenizer import TokenizerError
 
     bad_input = (
         ConfigError, DataError, MeshError, LayoutError, TokenizerError, ConversionError, CheckpointError,

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.data_config import DataConfig, DataError
+from train.data_config import SPLIT_TAGS, DataConfig, DataError
 from train.packing import BATCH_FIELDS, Cursor, Doc, empty_rows, fill_row
 from train.pose import PoseConfig, check_pose, pose_batch, pose_rng
-from train.sources import SPLIT_TAGS, build_source
+from train.sources import build_source
 
 Batch = dict[str, np.ndarray]
 STATE_VERSION = 1
@@ -110,7 +110,7 @@ class DataIterator:
         if pose is not None:
             check_pose(pose, seq_len)
         if tokenizer is None:
-            from train.tokenizer import load_tokenizer
+            from text.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(cfg.tokenizer)
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split

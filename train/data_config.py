@@ -12,6 +12,7 @@ import glob
 import os
 from dataclasses import dataclass
 
+from text.synthetic import PASSKEY_TEMPLATES
 from train.packing import PACKING_MODES
 
 SOURCE_KINDS = ("files", "hub", "synthetic")
@@ -19,8 +20,9 @@ SYNTHETIC_TASKS = ("passkey", "niah", "multi_needle", "prose")
 # File extension → `datasets` builder name.
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
-BUILTIN_HAYSTACKS = ("prose", "classic", "noise")  # `evals.load_haystack` names
-PASSKEY_TEMPLATES = ("classic", "short")  # `evals.synthetic.PASSKEY_TEMPLATES` (data/ sits below evals/)
+BUILTIN_HAYSTACKS = ("prose", "classic", "noise")  # `text.load_haystack` names
+# Which split a document key belongs to (part of every source's deterministic document key).
+SPLIT_TAGS = {"train": 0, "heldout": 1}
 
 
 class DataError(ValueError):
@@ -43,13 +45,13 @@ class SourceConfig:
             documents come in file order, pass after pass.
         text_sample_by: txt files: one document per ``"document"`` (file), ``"paragraph"`` or ``"line"``.
         task: synthetic: ``"passkey"``, ``"niah"``, ``"multi_needle"`` or ``"prose"`` (plain haystack text).
-        haystack: synthetic: the haystack for `evals.load_haystack` (``"prose"``, ``"classic"``, a
+        haystack: synthetic: the haystack for `text.load_haystack` (``"prose"``, ``"classic"``, a
             text file); None = the task's default (passkey: classic filler, others: prose).
         min_length, max_length: synthetic: document length in tokens, drawn uniformly; None =
             ``seq_len // 4`` and ``seq_len`` (raised to the task's minimum when that is larger).
         needles: synthetic multi_needle: needles per document.
         template: synthetic passkey: ``"classic"`` or ``"short"`` (no instruction head;
-            `evals.synthetic.PASSKEY_TEMPLATES`).
+            `text.synthetic.PASSKEY_TEMPLATES`).
         answer_weight: synthetic: loss weight of the answer tokens (the retrieval signal).
         context_weight: synthetic: loss weight of every other token (haystack language modelling).
     """
@@ -112,7 +114,7 @@ class DataConfig:
 
     Attributes:
         sources: the mixture (at least one source).
-        tokenizer: spec for `train.tokenizer.load_tokenizer`: ``"byte"``, a directory with
+        tokenizer: spec for `text.tokenizer.load_tokenizer`: ``"byte"``, a directory with
             ``tokenizer.json`` (e.g. the checkpoint's own), a ``tokenizer.json`` or a tiktoken
             ``tokenizer.model`` path.
         add_bos, add_eos: wrap every document in BOS … EOS.

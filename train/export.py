@@ -86,7 +86,7 @@ def hf_greedy_passkey(
     import torch
     from transformers import LlamaForCausalLM
 
-    from evals.synthetic import passkey_sample
+    from text.synthetic import passkey_sample
 
     hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     hf.eval()

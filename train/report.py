@@ -94,7 +94,7 @@ class Reporter:
         return records
 
     def _passkey(self, state, plan: StagePlan, mesh) -> dict:
-        from train.tokenizer import load_tokenizer
+        from text.tokenizer import load_tokenizer
 
         ev = self.cfg.eval
         records, agg = passkey_grid(
@@ -152,9 +152,9 @@ class Reporter:
                 self.data["hf_export"]["greedy_passkey"] = self._greedy(paths["hf"], plan)
 
     def _greedy(self, hf_dir: str, plan: StagePlan) -> dict:
+        from text.tokenizer import load_tokenizer
         from train.export import hf_greedy_passkey
         from train.stage_eval import PASSKEY_RESERVE
-        from train.tokenizer import load_tokenizer
 
         ev = self.cfg.eval
         result = hf_greedy_passkey(

@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from train.data_config import DataConfig, DataError, SourceConfig, resolve_files
+from train.data_config import SPLIT_TAGS, DataConfig, DataError, SourceConfig, resolve_files
 from train.packing import Doc
+from train.synthetic_source import SyntheticSource
 
-SPLIT_TAGS = {"train": 0, "heldout": 1}
 # Fixed key for choosing held-out documents, so changing the training seed never leaks them into training.
 _HELDOUT_KEY = 0x5EED_0F_D474
 
@@ -222,8 +222,6 @@ def build_source(src: SourceConfig, index: int, cfg: DataConfig, tokenizer, seed
     """The runtime source for ``src`` (``index`` is its place in ``cfg.sources``)."""
     where = f"data.sources[{index}]"
     if src.kind == "synthetic":
-        from train.synthetic_source import SyntheticSource
-
         return SyntheticSource(src, index, cfg, tokenizer, seed, split, seq_len, where)
     cls = StreamSource if src.streaming else FileSource
     return cls(src, index, cfg, tokenizer, seed, split, where)

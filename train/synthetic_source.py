@@ -1,8 +1,8 @@
-"""Synthetic long-context training documents from the shared generator in `evals.synthetic`.
+"""Synthetic long-context training documents from the shared generator in `text.synthetic`.
 
 The evals score exactly the prompts this source trains on (same templates, haystacks and
 tokenization); there is one generator, and this module only decides lengths, depths and
-seeds and turns a `evals.Sample` into a weighted training document:
+seeds and turns a `text.Sample` into a weighted training document:
 
     document = prompt_ids (BOS … question answer-prefix) + answer_ids [+ EOS]
     weights  = context_weight on prompt tokens and EOS, answer_weight on answer tokens
@@ -22,16 +22,14 @@ import warnings
 
 import numpy as np
 
-from train.data_config import DataConfig, DataError, SourceConfig
+from text import OverheadError, load_haystack, multi_niah_sample, niah_sample, passkey_sample, token_stream
+from train.data_config import SPLIT_TAGS, DataConfig, DataError, SourceConfig
 from train.packing import Doc
-from train.sources import SPLIT_TAGS
 
 _DEFAULT_HAYSTACK = {"passkey": "classic", "niah": "prose", "multi_needle": "prose", "prose": "prose"}
 
 
 def _generate(task: str, tokenizer, length: int, rng: np.random.Generator, haystack: str, needles: int, template: str):
-    from evals import multi_niah_sample, niah_sample, passkey_sample
-
     if task == "passkey":
         return passkey_sample(tokenizer, length, float(rng.random()), rng, filler=haystack, template=template)
     if task == "niah":
@@ -43,8 +41,6 @@ def _generate(task: str, tokenizer, length: int, rng: np.random.Generator, hayst
 @functools.lru_cache(maxsize=32)
 def _min_prompt(task: str, tokenizer, haystack: str, needles: int, template: str) -> int:
     """Smallest prompt length the task's fixed text allows (max over a few seeds: needle texts vary)."""
-    from evals import OverheadError
-
     worst = 1
     for seed in range(4):
         lo, hi = 1, 64
@@ -90,8 +86,6 @@ class SyntheticSource:
         hi = src.max_length or seq_len
         lo = src.min_length or max(1, min(hi, seq_len // 4))
         if src.task == "prose":
-            from evals import load_haystack, token_stream
-
             self._stream = token_stream(tokenizer, load_haystack(self._haystack))
             floor = len(self._bos) + len(self._eos) + 1
         else:
@@ -122,8 +116,6 @@ class SyntheticSource:
 
         def make(prompt_len: int):
             """The sample of this seed with the shortest prompt ≥ prompt_len that holds the fixed text."""
-            from evals import OverheadError
-
             while True:
                 g = np.random.default_rng(sample_seed)  # same seed → same key/needles → same answer length
                 try:

@@ -12,9 +12,9 @@ Conventions:
 - ``rng`` is a `numpy.random.Generator` (advanced in place) or an int seed (a fresh
   ``default_rng(seed)``); the same seed always gives the same sample.
 - ``tokenizer`` is any object with ``encode``/``decode``/``bos_id``/``eos_id``/``pad_id``/
-  ``vocab_size`` (e.g. `train.tokenizer.ByteTokenizer`).
+  ``vocab_size`` (e.g. `text.tokenizer.ByteTokenizer`).
 
-    from evals import passkey_sample
+    from text import passkey_sample
     s = passkey_sample(ByteTokenizer(), length=1024, depth=0.5, rng=0)
     tokens, mask = s.input_ids, s.loss_mask        # training: loss on the answer only
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evals.haystack import Haystack, TokenStream, load_haystack, token_stream
+from text.haystack import Haystack, TokenStream, load_haystack, token_stream
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
