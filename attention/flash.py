@@ -274,13 +274,13 @@ def flash_forward(
                     instrument.record("chunk_fwd", device_index)
                     if masked:
                         instrument.record("chunk_fwd_masked", device_index)
-                    s = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
+                    logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
                     if masked:
                         mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
-                        s = jnp.where(mask, s.reshape(b, kh, g, cq, ck), -jnp.inf).reshape(s.shape)
-                    m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # finite: m starts at M_INIT
+                        logits = jnp.where(mask, logits.reshape(b, kh, g, cq, ck), -jnp.inf).reshape(logits.shape)
+                    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # finite: m starts at M_INIT
                     alpha = jnp.exp(m - m_new)
-                    p = jnp.exp(s - m_new[..., None])  # [b, k, r, ck]
+                    p = jnp.exp(logits - m_new[..., None])  # [b, k, r, ck]
                     pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
                     return alpha[..., None] * acc + pv, m_new, alpha * denom + jnp.sum(p, axis=-1)
 
@@ -349,19 +349,19 @@ def flash_backward(
             def compute(masked):
                 def run(dqi):
                     instrument.record("chunk_bwd", device_index)
-                    s = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
-                    p = jnp.exp(s - lse_i[..., None])  # [b, k, r, ck]
+                    logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
+                    p = jnp.exp(logits - lse_i[..., None])  # [b, k, r, ck]
                     if masked:
                         mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]
                         p = jnp.where(mask, p.reshape(b, kh, g, cq, ck), 0.0).reshape(p.shape)
                     dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
                     dp = jnp.einsum("bkrh,bksh->bkrs", doi, vj, preferred_element_type=jnp.float32)
-                    ds = p * (dp - delta_i[..., None])  # d(loss)/d(logit), before the scale
+                    dlogits = p * (dp - delta_i[..., None])  # d(loss)/d(logit), before the scale
                     dqi = dqi + cfg.scale * jnp.einsum(
-                        "bkrs,bksh->bkrh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32
+                        "bkrs,bksh->bkrh", dlogits.astype(kj.dtype), kj, preferred_element_type=jnp.float32
                     )
                     dk_j = cfg.scale * jnp.einsum(
-                        "bkrs,bkrh->bksh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32
+                        "bkrs,bkrh->bksh", dlogits.astype(qi.dtype), qi, preferred_element_type=jnp.float32
                     )
                     return dqi, dk_j, dv_j
 

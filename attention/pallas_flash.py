@@ -103,13 +103,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
             acc, m, denom = carry
             instrument.record("tile_fwd", None)
             k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, h]
-            s = _dot(q, k, 1, 1) * scale  # [bq, bk]
-            s = jnp.where(_tile_mask(qp, kp, qs, ks, causal), s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            logits = _dot(q, k, 1, 1) * scale  # [bq, bk]
+            logits = jnp.where(_tile_mask(qp, kp, qs, ks, causal), logits, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
             # Rows with nothing visible yet keep max -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
             alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[:, None])
+            p = jnp.exp(logits - m_safe[:, None])
             acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
             return acc, m_new, alpha * denom + jnp.sum(p, axis=-1)
 
@@ -139,10 +139,10 @@ def _dq_kernel(
         def compute(dq):
             instrument.record("tile_dq", None)
             k, v = k_ref[tile, :], v_ref[tile, :]
-            s = _dot(q, k, 1, 1) * scale
-            p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
-            ds = p * (_dot(do, v, 1, 1) - delta[:, None])  # d loss / d logit, before the scale
-            return dq + scale * _dot(ds.astype(k.dtype), k)
+            logits = _dot(q, k, 1, 1) * scale
+            p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(logits - lse[:, None]), 0.0)  # [bq, bk]
+            dlogits = p * (_dot(do, v, 1, 1) - delta[:, None])  # d loss / d logit, before the scale
+            return dq + scale * _dot(dlogits.astype(k.dtype), k)
 
         return lax.cond(_tile_hidden(qp, kp, qs, ks, causal), lambda c: c, compute, dq)
 
@@ -184,11 +184,11 @@ def _dkv_kernel(
                 q, do = q_ref[tile, gi, :], do_ref[tile, gi, :]  # [bq, h]
                 lse, delta = lse_ref[tile, gi], delta_ref[tile, gi]
                 lse = jnp.where(lse > -jnp.inf, lse, 0.0)
-                s = _dot(q, k, 1, 1) * scale  # [bq, bk]
-                p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(s - lse[:, None]), 0.0)
+                logits = _dot(q, k, 1, 1) * scale  # [bq, bk]
+                p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(logits - lse[:, None]), 0.0)
                 dv = dv + _dot(p.astype(do.dtype), do, 0, 0)  # [bk, h]
-                ds = p * (_dot(do, v, 1, 1) - delta[:, None])
-                return dk + scale * _dot(ds.astype(q.dtype), q, 0, 0), dv
+                dlogits = p * (_dot(do, v, 1, 1) - delta[:, None])
+                return dk + scale * _dot(dlogits.astype(q.dtype), q, 0, 0), dv
 
             return lax.cond(_tile_hidden(qp, kp, qs, ks, causal), lambda c: c, compute, carry)
 

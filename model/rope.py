@@ -150,8 +150,10 @@ def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float
 
 def _reduce_exact(x: jax.Array) -> jax.Array:
     """``x mod 2π`` into about [−π, π] for an fp32 ``x`` that is exact and below ~5e4."""
-    k = jnp.round(x * (1.0 / (2 * math.pi)))
-    return ((x - k * _TWO_PI_1.astype(np.float32)) - k * _TWO_PI_2.astype(np.float32)) - k * np.float32(_TWO_PI_3)
+    turns = jnp.round(x * (1.0 / (2 * math.pi)))
+    return ((x - turns * _TWO_PI_1.astype(np.float32)) - turns * _TWO_PI_2.astype(np.float32)) - turns * np.float32(
+        _TWO_PI_3
+    )
 
 
 def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -209,8 +211,8 @@ def rope_cos_sin(
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x [batch, seq, heads, head_dim]`` by ``cos/sin [batch, seq, head_dim/2]`` (half-split)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    cos_bt1h, sin_bt1h = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    return jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h, x2 * cos_bt1h + x1 * sin_bt1h], axis=-1).astype(x.dtype)
 
 
 def apply_rope(
