@@ -16,8 +16,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-from evals.loading import EvalInputError
+from evals import tasks as T
+from evals.chat import llama3_chat_format
+from evals.evaluate import aggregate, evaluate
+from evals.loading import EvalInputError, check_vocab, load_eval_tokenizer, load_model, parse_mesh
+from evals.perplexity import load_documents, perplexity_by_position
+from evals.qa import load_qa
+from evals.report import perplexity_table, summary_table, write_perplexity_results, write_task_results
 from evals.ruler import RULER_TASKS
+from evals.runner import Runner
+from evals.tasks import cell_samples, grid
 from text.haystack import HaystackError, load_haystack
 from text.synthetic import OverheadError
 
@@ -93,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tasks(args):
-    from evals import tasks as T
 
     if args.task == "passkey":
         load_haystack("classic" if args.filler == "classic" else args.filler)
@@ -107,7 +114,6 @@ def _tasks(args):
         if name == "qa":
             if not args.qa_file:
                 raise EvalInputError("the qa task needs --qa-file with a SQuAD or HotpotQA JSON file.")
-            from evals.qa import load_qa
 
             load_qa(os.path.abspath(args.qa_file))
             out.append(T.qa_task(args.qa_file))
@@ -120,7 +126,6 @@ def _tasks(args):
 
 
 def _run(args) -> int:
-    from evals.loading import check_vocab, load_eval_tokenizer, load_model, parse_mesh
 
     lengths = parse_lengths(args.lengths)
     depths = parse_depths(args.depths)
@@ -128,8 +133,6 @@ def _run(args) -> int:
         raise EvalInputError("--samples and --batch-size must be at least 1.")
     tasks = _tasks(args) if args.task != "perplexity" else []
     if args.task == "perplexity":
-        from evals.perplexity import load_documents
-
         docs = load_documents(args.data)
     mesh = parse_mesh(args.mesh)
     if not args.model.startswith("preset:") and not os.path.isdir(args.model):
@@ -138,15 +141,11 @@ def _run(args) -> int:
     tokenizer = load_eval_tokenizer(model_dir, args.tokenizer)
     fmt = None
     if args.chat_template:
-        from evals.chat import llama3_chat_format
-
         try:
             fmt = llama3_chat_format(tokenizer)
         except ValueError as exc:
             raise EvalInputError(str(exc)) from exc
     if args.task != "perplexity":
-        from evals.tasks import cell_samples, grid
-
         cells = grid(tasks, lengths, depths)
         for task in tasks:  # a length below the prompt overhead fails here, before the model loads
             first = next(c for c in cells if c.task == task.name)
@@ -157,7 +156,6 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     config, params = load_model(args.model, hf=args.hf, dtype=args.dtype, mesh=mesh)
     check_vocab(tokenizer, config)
-    from evals.runner import Runner
 
     runner = Runner(config, params, mesh=mesh, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
     settings = {k: v for k, v in vars(args).items()}
@@ -165,9 +163,6 @@ def _run(args) -> int:
     progress = not args.no_progress
 
     if args.task == "perplexity":
-        from evals.perplexity import perplexity_by_position
-        from evals.report import perplexity_table, write_perplexity_results
-
         records = perplexity_by_position(
             runner, tokenizer, docs, lengths, samples=args.samples, buckets=args.buckets, mode=args.ppl_mode,
             stride=args.stride, progress=progress,
@@ -176,9 +171,6 @@ def _run(args) -> int:
         write_perplexity_results(args.out, settings, records)
         print(perplexity_table(records))
     else:
-        from evals.evaluate import aggregate, evaluate
-        from evals.report import summary_table, write_task_results
-
         records = evaluate(
             runner, tokenizer, tasks, cells, samples=args.samples, seed=args.seed, mode=args.mode, fmt=fmt,
             progress=progress,
