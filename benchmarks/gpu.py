@@ -81,7 +81,9 @@ def attention_variants(on_gpu: bool):
     variants = {
         "blockwise/jnp": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="jnp"),
         "blockwise/pallas": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="pallas"),
-        "ring1/jnp": axis_rules(ring_mesh)(lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="jnp")),
+        "ring1/jnp": axis_rules(ring_mesh)(
+            lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="jnp")
+        ),
         "ring1/pallas": axis_rules(ring_mesh)(
             lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="pallas")
         ),

@@ -107,7 +107,9 @@ def measure(shape: Shape) -> Measured:
     start = time.perf_counter()
     stats = fn.lower(params, state, tokens).compile().memory_analysis()
     seconds = time.perf_counter() - start
-    plan = plan_memory(cfg, model.abstract_params(cfg), shape.seq_len, shape.batch, shape.mesh, loss_chunk=shape.loss_chunk)
+    plan = plan_memory(
+        cfg, model.abstract_params(cfg), shape.seq_len, shape.batch, shape.mesh, loss_chunk=shape.loss_chunk
+    )
     return Measured(
         shape,
         plan,

@@ -27,8 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention import attention
-from attention import axes
+from attention import attention, axes
 from model import layers as L
 from model import lora as lora_lib
 from model.config import LlamaConfig

@@ -248,14 +248,14 @@ def plan_memory(
     tokens = b * t
 
     local, layer_gathered, head_gathered = _param_counts(params, config, sizes)
-    params = local * W
+    param_bytes = local * W
     grads = local * W
     optimizer = 2 * local * moment_bytes
     layer_grads = layer_gathered  # one layer's weight gradients (elements) before the reduce-scatter
     lora_saved = 0
     if lora is not None:
         trainable, frozen, layer_grads, layer_adapters = _lora_counts(params, config, sizes, lora)
-        params = trainable * W + frozen * _BYTES[lora.base_dtype or config.param_dtype]
+        param_bytes = trainable * W + frozen * _BYTES[lora.base_dtype or config.param_dtype]
         grads = trainable * W
         optimizer = 2 * trainable * moment_bytes
         layer_gathered += layer_adapters
@@ -318,7 +318,7 @@ def plan_memory(
         + (f", LoRA r={lora.rank}" if lora is not None else "")
     )
     return MemoryPlan(
-        params=params,
+        params=param_bytes,
         grads=grads,
         optimizer=optimizer,
         activations=activations,

@@ -49,7 +49,8 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print, num_device
     rows = []
     for plan in plans:
         remat = plan.model.remat_policy
-        report = plan_memory(plan.model, abstract_params(plan.model, cfg.lora), seq_len=plan.stage.seq_len, batch=plan.stage.batch_size, mesh=plan.mesh,
+        report = plan_memory(plan.model, abstract_params(plan.model, cfg.lora), seq_len=plan.stage.seq_len,
+                             batch=plan.stage.batch_size, mesh=plan.mesh,
                              remat=remat, loss_chunk=cfg.loss_chunk, num_devices=num_devices,
                              lora=cfg.lora)  # fmt: skip
         total = int(report.total)

@@ -51,7 +51,9 @@ def _unboxed_abstract_params(cfg: LlamaConfig, lora: lora_lib.LoraConfig | None 
 
 def _random_base(model_cfg: LlamaConfig, mesh: Mesh, key: jax.Array) -> Any:
     """The random base a LoRA run without ``--init-from`` adapts (the same ``key`` gives the same base)."""
-    return init_params(model_cfg, jax.random.fold_in(key, 1), out_shardings=param_shardings(abstract_params(model_cfg), mesh))
+    return init_params(
+        model_cfg, jax.random.fold_in(key, 1), out_shardings=param_shardings(abstract_params(model_cfg), mesh)
+    )
 
 
 def _split_trees(model_cfg: LlamaConfig, lora, tree: Any) -> tuple[Any, Any]:
