@@ -2,10 +2,10 @@
 
 mesh = make_mesh(MeshConfig(data=2, sequence=4))
 params = model.init_params(cfg, key, out_shardings=param_shardings(model.abstract_params(cfg), mesh))
+tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
 with axis_rules(mesh):  # the activation rules, installed around whatever traces the model
     logits = jax.jit(model.Llama(cfg, mesh=mesh).apply)({"params": params}, tokens)
-tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-plan = plan_memory(cfg, seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
+plan = plan_memory(cfg, model.abstract_params(cfg), seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
 hops = overlap_plan(seq_len=1 << 20, ring=64, ...)  # ring hop compute vs K/V transfer (sharding.comm)
 """
 
