@@ -9,7 +9,8 @@ h head_dim)::
 Masks come from positions and segment ids, so any token order (ring layouts, packed
 documents, KV caches) is handled by the same code.
 
-Modules: `api` (the entry point), `reference` (dense), `xla`, `blockwise` (flash-style, custom
+Modules: `api` (the entry point), `axes` (logical axis names → mesh axes under the rules the
+caller installed; ring attention's ``shard_map`` specs), `reference` (dense), `xla`, `blockwise` (flash-style, custom
 VJP, returns the LSE) on the chunk loops of `flash`, `ring` (shard_map ring attention),
 `layout` (contiguous / zigzag / striped token layouts), `merge` (LSE merge), `instrument`
 (run-time counts of executed chunk pairs and ring hops), `pallas_flash` (Pallas forward/backward
@@ -18,6 +19,7 @@ ring hops: the ``kernel="pallas"`` paths).
 """
 
 from attention.api import IMPLS, KERNELS, AttentionError, attention, choose_impl, choose_kernel, ring_problem
+from attention.axes import RulesError
 from attention.blockwise import blockwise_attention
 from attention.instrument import count_work
 from attention.layout import (
@@ -47,6 +49,7 @@ __all__ = [
     "LayoutError",
     "PallasConfig",
     "RingError",
+    "RulesError",
     "attention",
     "blockwise_attention",
     "check_layout",

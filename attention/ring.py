@@ -30,15 +30,15 @@ around the ring together with the K/V block it belongs to; after the last hop on
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from attention import instrument
+from attention import axes, instrument
 from attention.flash import (
     ChunkConfig,
     block_is_masked,
@@ -258,13 +258,16 @@ def sharded_attention(
 ):
     """Ring attention on globally shaped arrays: runs `ring_attention_shard` under ``jax.shard_map``.
 
-    Batch is split over ``("data", "fsdp")``, the sequence over ``axis_name`` and heads over
-    ``"tensor"`` (when both head counts divide it; otherwise heads are replicated with a
-    warning). Arrays may already be sharded so or not (jit reshards them; mesh axes are Auto).
+    The ``shard_map`` specs come from the logical-axis rules the caller installed
+    (``with sharding.axis_rules(mesh):``; `attention.axes`): batch over the ``batch`` axes
+    (``data``, ``fsdp``), the sequence over ``axis_name`` (the ``length`` rule) and heads over the
+    ``heads`` axes (``tensor``) when both head counts divide them; otherwise heads are replicated
+    with a warning. Arrays may already be sharded so or not (jit reshards them; mesh axes are Auto).
 
     Args:
         q: ``[b, t, n, h]``; k, v: ``[b, s, k, h]``; t and s multiples of the ring size.
-        mesh: a mesh with an ``axis_name`` axis (`sharding.make_mesh`).
+        mesh: a mesh with an ``axis_name`` axis (`sharding.make_mesh`), its rules installed
+            (`attention.axes.RulesError` otherwise).
         q_positions / kv_positions: int ``[b, t]`` / ``[b, s]``, default ``arange`` (tokens
             in natural order; pass layout positions for zigzag/striped, `attention.layout`).
         q_segment_ids / kv_segment_ids: int ``[b, t]`` / ``[b, s]``, both or neither.
@@ -277,39 +280,23 @@ def sharded_attention(
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    axes = dict(mesh.shape)
-    if axis_name not in axes:
-        raise RingError(f"ring attention needs a mesh axis named {axis_name!r}; the mesh has {tuple(axes)}.")
-    ring = axes[axis_name]
+    sizes = dict(mesh.shape)
+    if axis_name not in sizes:
+        raise RingError(f"ring attention needs a mesh axis named {axis_name!r}; the mesh has {tuple(sizes)}.")
+    ring = sizes[axis_name]
     if t % ring or s % ring:
         raise RingError(
             f"ring attention over {ring} '{axis_name}' shards needs query and key lengths divisible by {ring}; "
             f"got {t} and {s}: pad the sequence (padding gets its own segment id) or change the mesh."
         )
-    batch_axes = tuple(a for a in ("data", "fsdp") if axes.get(a, 1) > 1)
-    batch_shards = 1
-    for a in batch_axes:
-        batch_shards *= axes[a]
-    if b % batch_shards:
-        raise RingError(
-            f"batch {b} is not divisible by the {batch_shards} data×fsdp shards of the mesh: change the batch or mesh."
-        )
-    tensor = axes.get("tensor", 1)
-    head_axis = "tensor" if tensor > 1 and n % tensor == 0 and kh % tensor == 0 else None
-    if tensor > 1 and head_axis is None:
-        warnings.warn(
-            f"ring attention: {n} query / {kh} kv heads do not divide tensor={tensor}; heads are replicated over it.",
-            stacklevel=2,
-        )
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise RingError("ring attention: give both q_segment_ids and kv_segment_ids, or neither.")
+    act, tok, stat = _ring_specs(b, n, kh, sizes, axis_name)
     q_pos = default_positions(b, t) if q_positions is None else q_positions.astype(jnp.int32)
     kv_pos = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
     q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
 
-    batch = batch_axes or None
-    act, tok, stat = P(batch, axis_name, head_axis, None), P(batch, axis_name), P(batch, axis_name, head_axis)
     shard_fn = functools.partial(
         ring_attention_shard,
         axis_name=axis_name,
@@ -326,3 +313,43 @@ def sharded_attention(
         shard_fn, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=check
     )(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     return (out, lse) if return_lse else out
+
+
+def _ring_specs(b: int, n: int, kh: int, sizes: dict[str, int], axis_name: str):
+    """``shard_map`` specs ``(act [b,t,n,h], tok [b,t], stat [b,t,n])`` from the installed rules.
+
+    The rules' ``batch`` axes must divide the batch, ``length`` must be exactly the ring axis and
+    ``head_dim`` unsharded; heads shard only when ``heads`` and ``kv_heads`` map to the same axes
+    and those divide both head counts (every shard then holds whole GQA groups), else they are
+    replicated with a warning.
+    """
+    rules = axes.installed_rules()
+    b_ax, t_ax, n_ax, h_ax = axes.resolve(("batch", "length", "heads", "head_dim"), rules, sizes)
+    (kh_ax,) = axes.resolve(("kv_heads",), rules, sizes)
+    split = lambda ax: math.prod(sizes[a] for a in ax)  # noqa: E731
+    if b % split(b_ax):
+        raise RingError(
+            f"batch {b} is not divisible by the {split(b_ax)} {'×'.join(b_ax)} shards of the mesh: "
+            "change the batch or mesh."
+        )
+    if t_ax != (axis_name,):
+        raise RingError(
+            f"ring attention over {axis_name!r} needs the installed rules to shard 'length' over exactly that "
+            f"axis; they give {t_ax}: fix the rules or pass axis_name."
+        )
+    if h_ax:
+        raise RingError(f"ring attention needs 'head_dim' unsharded; the installed rules shard it over {h_ax}.")
+    head_ax = n_ax if n_ax == kh_ax and n % split(n_ax) == 0 and kh % split(kh_ax) == 0 else ()
+    if head_ax != n_ax or head_ax != kh_ax:
+        wanted = tuple(dict.fromkeys(n_ax + kh_ax))
+        if split(wanted) > 1:
+            warnings.warn(
+                f"ring attention: {n} query / {kh} kv heads do not divide {'×'.join(wanted)}={split(wanted)}; "
+                "heads are replicated over it.",
+                stacklevel=3,
+            )
+    return (
+        axes.to_spec((b_ax, t_ax, head_ax, ())),
+        axes.to_spec((b_ax, t_ax)),
+        axes.to_spec((b_ax, t_ax, head_ax)),
+    )

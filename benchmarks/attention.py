@@ -61,7 +61,7 @@ from attention.layout import layout_positions  # noqa: E402
 from attention.masks import default_positions, make_mask  # noqa: E402
 from attention.reference import reference_attention  # noqa: E402
 from attention.ring import sharded_attention  # noqa: E402
-from sharding import MeshConfig, make_mesh  # noqa: E402
+from sharding import MeshConfig, axis_rules, make_mesh  # noqa: E402
 
 RING_CASES = {
     "ring-classic": ("contiguous", False),
@@ -143,6 +143,7 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
         layout, skip = RING_CASES[kind]
         pos = layout_positions(b, seq, mesh.shape["sequence"], layout)
 
+        @axis_rules(mesh)
         def attend(q, k, v):
             return sharded_attention(
                 q, k, v, mesh=mesh, q_positions=pos, kv_positions=pos, chunk_size=chunk, skip_future_hops=skip

@@ -45,6 +45,7 @@ import model  # noqa: E402
 from attention import attention, choose_kernel  # noqa: E402
 from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
 from sharding.planner import plan_memory  # noqa: E402
+from sharding.rules import axis_rules  # noqa: E402
 from train.flops import train_step_flops  # noqa: E402
 from train.metrics import device_peak_tflops, mfu  # noqa: E402
 from train.optim import OptimConfig  # noqa: E402
@@ -80,8 +81,12 @@ def attention_variants(on_gpu: bool):
     variants = {
         "blockwise/jnp": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="jnp"),
         "blockwise/pallas": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="pallas"),
-        "ring1/jnp": lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="jnp"),
-        "ring1/pallas": lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="pallas"),
+        "ring1/jnp": axis_rules(ring_mesh)(
+            lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="jnp")
+        ),
+        "ring1/pallas": axis_rules(ring_mesh)(
+            lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="pallas")
+        ),
     }
     return {"cudnn": cudnn if on_gpu else None} | variants
 
@@ -174,7 +179,7 @@ def bench_longest(sizes: dict, on_gpu: bool, deadline: float) -> dict:
             tried.append(dict(seq=seq, status="skipped: time budget"))
             continue
         cfg_seq = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, seq))
-        planned = plan_memory(cfg_seq, seq, 1, mesh_cfg, "full", num_devices=1)
+        planned = plan_memory(cfg_seq, model.abstract_params(cfg_seq), seq, 1, mesh_cfg, "full", num_devices=1)
         gib = planned.total / 2**30
         if limit is not None and not planned.fits(limit):
             tried.append(dict(seq=seq, status="planner: does not fit", planned_gib=gib))

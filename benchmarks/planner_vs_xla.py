@@ -30,7 +30,7 @@ import optax
 import model
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.planner import MemoryPlan, plan_memory
-from sharding.rules import batch_sharding, opt_state_shardings, param_shardings, replicated
+from sharding.rules import axis_rules, batch_sharding, opt_state_shardings, param_shardings, replicated
 from train.loss import chunked_cross_entropy
 
 
@@ -78,6 +78,7 @@ def _step(cfg, mesh, opt, loss_chunk):
         )
         return total / count
 
+    @axis_rules(mesh)
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -91,7 +92,7 @@ def measure(shape: Shape) -> Measured:
     cfg = shape.config()
     mesh = make_mesh(shape.mesh)
     opt = optax.adamw(1e-3)
-    p_sh = param_shardings(cfg, mesh)
+    p_sh = param_shardings(model.abstract_params(cfg), mesh)
     params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
     state = jax.eval_shape(opt.init, params)
     s_sh = opt_state_shardings(state, p_sh, params, mesh)
@@ -106,7 +107,9 @@ def measure(shape: Shape) -> Measured:
     start = time.perf_counter()
     stats = fn.lower(params, state, tokens).compile().memory_analysis()
     seconds = time.perf_counter() - start
-    plan = plan_memory(cfg, shape.seq_len, shape.batch, shape.mesh, loss_chunk=shape.loss_chunk)
+    plan = plan_memory(
+        cfg, model.abstract_params(cfg), shape.seq_len, shape.batch, shape.mesh, loss_chunk=shape.loss_chunk
+    )
     return Measured(
         shape,
         plan,

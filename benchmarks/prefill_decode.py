@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     cfg = model.preset(args.preset, max_position_embeddings=max(lengths) + args.new_tokens + 64)
     params = model.init_params(cfg, jax.random.key(0))
     mesh = make_mesh(MeshConfig.parse(args.mesh))
-    sharded = shard_params(params, mesh, cfg)
+    sharded = shard_params(params, mesh, model.logical_axes(cfg))
     rng = np.random.default_rng(0)
     rows = []
     print(f"preset {args.preset} ({model.count_params(params):,} params), batch {args.batch}, {args.new_tokens} new")

@@ -34,6 +34,7 @@ from model.cache import init_cache
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.params import lm_head_kernel
+from sharding.rules import axis_rules
 
 
 def _round_up(n: int, m: int) -> int:
@@ -72,7 +73,8 @@ def ring_prefill(params, tokens, *, config: LlamaConfig, mesh, length: int, max_
     """
     b, t = tokens.shape
     ring_cfg = config.replace(attention_impl="ring")
-    hidden, kv = Llama(ring_cfg, mesh).apply({"params": params}, tokens, return_hidden=True, return_kv=True)
+    with axis_rules(mesh):
+        hidden, kv = Llama(ring_cfg, mesh).apply({"params": params}, tokens, return_hidden=True, return_kv=True)
     last = hidden[:, length - 1]  # [b, d]
     logits = jnp.einsum("bd,dv->bv", last, lm_head_kernel(params, config).astype(last.dtype))  # [b, v]
     pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0), (0, 0))

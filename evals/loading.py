@@ -10,7 +10,12 @@ import os
 
 import jax
 
+import convert
+import model
 from model.config import ConfigError, LlamaConfig
+from sharding.mesh import MeshConfig, MeshError, make_mesh
+from sharding.rules import shard_params
+from text.tokenizer import TokenizerError, load_tokenizer
 
 
 class EvalInputError(ValueError):
@@ -23,8 +28,6 @@ def load_model(path: str, *, hf: bool = False, dtype: str | None = None, mesh=No
     With a mesh the params are placed by the sharding rules table; otherwise on the default device.
     """
     if path.startswith("preset:"):
-        import model
-
         try:
             cfg = model.preset(path.split(":", 1)[1])
         except ConfigError as exc:
@@ -38,8 +41,6 @@ def load_model(path: str, *, hf: bool = False, dtype: str | None = None, mesh=No
                 f"model {path} does not exist: give a ringllama checkpoint or Hugging Face model directory "
                 "(or preset:tiny for random weights)."
             )
-        import convert
-
         if hf and not convert.is_hf_checkpoint(path):
             raise EvalInputError(f"{path} is not a Hugging Face model directory (config.json + *.safetensors).")
         try:
@@ -47,9 +48,7 @@ def load_model(path: str, *, hf: bool = False, dtype: str | None = None, mesh=No
         except (convert.ConversionError, ConfigError) as exc:
             raise EvalInputError(f"cannot load model {path}: {exc}") from exc
     if mesh is not None:
-        from sharding.rules import shard_params
-
-        params = shard_params(params, mesh, cfg)
+        params = shard_params(params, mesh, model.logical_axes(cfg))
     else:
         params = jax.device_put(params)
     return cfg, params
@@ -60,8 +59,6 @@ def load_eval_tokenizer(model_path: str, spec: str | None, config: LlamaConfig |
 
     With ``config`` the tokenizer's ids must fit the model's vocabulary (see `check_vocab`).
     """
-    from text.tokenizer import TokenizerError, load_tokenizer
-
     if spec is None:
         own = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(model_path, f))]
         spec = model_path if own else "byte"
@@ -87,8 +84,6 @@ def parse_mesh(text: str | None):
     """A mesh from ``"data=1,sequence=8"`` (None: no mesh, one device)."""
     if not text:
         return None
-    from sharding.mesh import MeshConfig, MeshError, make_mesh
-
     try:
         return make_mesh(MeshConfig.parse(text))
     except MeshError as exc:

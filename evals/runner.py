@@ -27,6 +27,7 @@ from evals.generation import greedy_generate
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.params import lm_head_kernel
+from sharding.rules import axis_rules
 from text.synthetic import Sample
 
 
@@ -46,7 +47,8 @@ def _round_up(n: int, multiple: int) -> int:
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
 def _forced_fn(params, tokens, starts, targets, *, config, mesh):
     """``tokens [b, T]`` → argmax ``[b, A]`` and target log-probs ``[b, A]`` at ``starts[:, None] + arange(A)``."""
-    hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)  # [b, T, d]
+    with axis_rules(mesh):
+        hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)  # [b, T, d]
     idx = starts[:, None] + jnp.arange(targets.shape[1])[None, :]  # [b, A]
     h = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [b, A, d]
     logits = jnp.einsum("bad,dv->bav", h, lm_head_kernel(params, config).astype(h.dtype)).astype(jnp.float32)
@@ -58,7 +60,8 @@ def _forced_fn(params, tokens, starts, targets, *, config, mesh):
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "chunk"))
 def _nll_fn(params, tokens, *, config, mesh, chunk):
     """Per-position next-token NLL ``[b, T-1]`` (fp32), the head applied ``chunk`` positions at a time."""
-    hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)[:, :-1]  # [b, T-1, d]
+    with axis_rules(mesh):
+        hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)[:, :-1]  # [b, T-1, d]
     targets = tokens[:, 1:]
     b, t, d = hidden.shape
     pad = _round_up(t, chunk) - t

@@ -8,6 +8,12 @@ k kv heads, h head_dim, f mlp, v vocab.
     logits = model.Llama(cfg).apply({"params": params}, tokens)   # tokens[b, t] -> [b, t, v]
     out = model.generate(cfg, params, prompt, max_new_tokens=32)  # prompt[b, t] -> [b, t + new]
 
+On a mesh the caller installs the logical-axis rules around whatever traces the model (the model
+never imports `sharding`; given a mesh without rules it raises `attention.RulesError`)::
+
+    with sharding.axis_rules(mesh):
+        logits = model.Llama(cfg, mesh=mesh).apply({"params": params}, tokens)
+
 Numerics (checked in tests/test_parity.py against transformers): fp32 logits agree to
 max |Δ| ≤ 1e-4 for every rope type; ``dtype="bfloat16"`` compute (fp32 or bf16 params)
 stays within 2⁻⁶·max|logit| of the fp32 logits on the test models.

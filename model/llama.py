@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention import attention
+from attention import attention, axes
 from model import layers as L
 from model import lora as lora_lib
 from model.config import LlamaConfig
@@ -43,12 +43,11 @@ _REMAT_POLICIES = {
 
 
 def _constrain(x: jax.Array, names: tuple[str, ...], mesh) -> jax.Array:
-    """Shard an activation by the rules table (`sharding.rules`); without a mesh nothing changes."""
-    if mesh is None:
-        return x
-    from sharding.rules import constrain  # lazy: sharding.rules builds param shardings from this model
+    """Shard an activation by the logical-axis rules the caller installed (`attention.axes`).
 
-    return constrain(x, names, mesh)
+    Without a mesh there is nothing to shard; with one and no rules installed it raises.
+    """
+    return x if mesh is None else axes.constrain(x, names, mesh)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init=_INIT) -> jax.Array:
@@ -215,7 +214,9 @@ class Llama(nn.Module):
     ``apply({"params": p}, tokens[b, t], positions=None, segment_ids=None)`` → logits
     ``[b, t, v]``; with ``return_hidden=True`` the final-norm hidden states ``[b, t, d]``
     instead (the training loss applies the head in chunks); with ``cache=`` a
-    ``(logits, new_cache)`` pair. ``mesh`` is needed only for ring attention. With
+    ``(logits, new_cache)`` pair. With ``mesh`` (needed for ring attention) activations are
+    constrained by the logical-axis rules the caller installs around ``apply``
+    (``with sharding.axis_rules(mesh):``); without them it raises `attention.axes.RulesError`. With
     ``return_kv=True`` (and no cache) a ``(logits, {"k", "v"})`` pair, K/V ``[layers, b, t, k, h]``.
     ``lora`` (a `model.lora.LoraConfig`): LoRA factors beside its target kernels in the params.
     """

@@ -26,6 +26,9 @@ def _init_fn(config: LlamaConfig, lora: Any = None):
 def abstract_params(config: LlamaConfig, lora: Any = None) -> Params:
     """The parameter tree as boxed ``jax.ShapeDtypeStruct`` leaves (``nn.LogicallyPartitioned``).
 
+    Each box carries its leaf's logical axis names, so this tree is all `sharding.param_shardings`
+    and `sharding.plan_memory` need.
+
     With ``lora`` (`model.lora.LoraConfig`) the tree also holds its adapters (``lora_a``/``lora_b``).
     """
     return jax.eval_shape(_init_fn(config, lora), jax.random.key(0))
@@ -40,7 +43,8 @@ def logical_axes(config: LlamaConfig, lora: Any = None) -> Params:
 def init_params(config: LlamaConfig, key: jax.Array, out_shardings: Any = None, lora: Any = None) -> Params:
     """Random parameters (normal 0.02, norms at 1), unboxed.
 
-    With ``out_shardings`` (a tree matching the params, e.g. from `sharding.param_shardings`)
+    With ``out_shardings`` (a tree matching the params, e.g.
+    ``sharding.param_shardings(abstract_params(config, lora), mesh)``)
     the init runs under ``jax.jit`` so no full-size array ever lands on one device. With ``lora``
     the tree also holds its adapters (A random, B zero: the model still equals the base).
     """

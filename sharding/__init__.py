@@ -1,9 +1,11 @@
 """Sharding for ringllama: the mesh, the logical-axis rules table, multi-host start-up, the memory planner.
 
 mesh = make_mesh(MeshConfig(data=2, sequence=4))
-params = model.init_params(cfg, key, out_shardings=param_shardings(cfg, mesh))
+params = model.init_params(cfg, key, out_shardings=param_shardings(model.abstract_params(cfg), mesh))
 tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-plan = plan_memory(cfg, seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
+with axis_rules(mesh):  # the activation rules, installed around whatever traces the model
+    logits = jax.jit(model.Llama(cfg, mesh=mesh).apply)({"params": params}, tokens)
+plan = plan_memory(cfg, model.abstract_params(cfg), seq_len=1 << 20, batch=1, mesh=MeshConfig(fsdp=8, sequence=64))
 hops = overlap_plan(seq_len=1 << 20, ring=64, ...)  # ring hop compute vs K/V transfer (sharding.comm)
 """
 
@@ -22,12 +24,15 @@ from sharding.rules import (
     PARAM_RULES,
     RULES_TABLE,
     RulesError,
+    axis_rules,
     batch_sharding,
     constrain,
+    flax_rules,
     local_shape,
     logical_to_axes,
     logical_to_spec,
     opt_state_shardings,
+    param_names_and_shapes,
     param_shardings,
     replicated,
     shard_params,
@@ -46,9 +51,11 @@ __all__ = [
     "OverlapPlan",
     "PlanError",
     "RulesError",
+    "axis_rules",
     "batch_sharding",
     "constrain",
     "detect_cluster",
+    "flax_rules",
     "global_array_from_process_data",
     "initialize_distributed",
     "local_shape",
@@ -57,6 +64,7 @@ __all__ = [
     "make_mesh",
     "opt_state_shardings",
     "overlap_plan",
+    "param_names_and_shapes",
     "param_shardings",
     "plan_memory",
     "process_local_index",

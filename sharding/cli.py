@@ -15,6 +15,13 @@ import math
 import re
 import sys
 
+import model
+from model.config import ConfigError
+from model.lora import LoraConfig
+from sharding.comm import KERNEL_TFLOPS, LINK_GBYTES, CommError, model_overlap_plan, resolve_rates
+from sharding.mesh import AXES, MeshConfig, MeshError
+from sharding.planner import REMATS, PlanError, plan_memory
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40})
 
@@ -35,9 +42,6 @@ def parse_bytes(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sharding.comm import KERNEL_TFLOPS, LINK_GBYTES
-    from sharding.planner import REMATS
-
     p = argparse.ArgumentParser(prog="python -m sharding", description="ringllama sharding tools")
     sub = p.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="per-device memory of one training step")
@@ -80,8 +84,6 @@ def _parser() -> argparse.ArgumentParser:
 def _lora_config(args):
     if args.lora_rank is None:
         return None
-    from model.lora import LoraConfig
-
     trained = {x.strip() for x in args.lora_trained.split(",") if x.strip() and x.strip() != "none"}
     if unknown := trained - {"embeddings", "norms"}:
         raise UsageError(
@@ -98,8 +100,6 @@ def _lora_config(args):
 
 
 def _load_config(args):
-    import model
-
     if args.config:
         cfg = model.LlamaConfig.from_hf(args.config)
     else:
@@ -113,19 +113,16 @@ def _load_config(args):
 
 
 def run_plan(args) -> int:
-    from model.config import ConfigError
-    from sharding.comm import CommError, model_overlap_plan, resolve_rates
-    from sharding.mesh import AXES, MeshConfig, MeshError
-    from sharding.planner import PlanError, plan_memory
-
     try:
         device_bytes = None if args.device_memory is None else parse_bytes(args.device_memory)
         mesh = MeshConfig.parse(args.mesh)
         cfg = _load_config(args)
         if args.loss_chunk < 0:
             raise UsageError(f"--loss-chunk must be 0 (full logits) or positive, got {args.loss_chunk}.")
+        lora = _lora_config(args)
         plan = plan_memory(
             cfg,
+            model.abstract_params(cfg, lora),
             args.seq_len,
             args.batch,
             mesh,
@@ -133,7 +130,7 @@ def run_plan(args) -> int:
             attention=args.attention,
             loss_chunk=args.loss_chunk or None,
             num_devices=args.devices,
-            lora=_lora_config(args),
+            lora=lora,
         )
         known = [getattr(mesh, a) for a in AXES]
         sizes = dict(zip(AXES, mesh.resolve(args.devices or math.prod(s for s in known if s > 0)), strict=True))

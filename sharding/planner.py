@@ -1,6 +1,6 @@
 """Per-device memory plan of one training step: parameters, gradients, AdamW state, activations, attention.
 
-`plan_memory(config, seq_len, batch, mesh, remat)` counts bytes per device from the same rules
+`plan_memory(config, params, seq_len, batch, mesh, remat)` counts bytes per device from the same rules
 table that shards the real arrays (`sharding.rules`), so the plan follows the mesh exactly:
 
 - **parameters / gradients**: every parameter's local shard (``param_dtype``);
@@ -33,8 +33,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import jax
+
+from model.lora import is_trainable
 from sharding.mesh import AXES, MeshConfig
-from sharding.rules import ACTIVATION_RULES, PARAM_RULES, local_shape
+from sharding.rules import ACTIVATION_RULES, PARAM_RULES, local_shape, param_names_and_shapes
 
 REMATS = ("none", "full", "dots", "dots_with_no_batch_dims")
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -127,21 +130,25 @@ def mesh_sizes(mesh, num_devices: int | None = None) -> dict[str, int]:
     return {a: int(dict(mesh.shape).get(a, 1)) for a in AXES}
 
 
-def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
+def _leaves(params) -> list[tuple[tuple[str, ...], tuple, tuple[int, ...]]]:
+    """``(path keys, logical names, shape)`` of every parameter of a boxed tree."""
+    names, shapes = param_names_and_shapes(params)
+    flat = jax.tree_util.tree_flatten_with_path(names, is_leaf=lambda x: isinstance(x, tuple))[0]
+    shape_leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return [
+        (tuple(str(getattr(k, "key", k)) for k in path), n, shape)
+        for (path, n), shape in zip(flat, shape_leaves, strict=True)
+    ]
+
+
+def _param_counts(params, config, sizes: dict[str, int]) -> tuple[int, int, int]:
     """(local params, one layer's params gathered over fsdp, gathered embedding/head) in elements."""
-    import jax
-
-    from model.params import abstract_params, logical_axes  # lazy: keeps `import sharding` light
-
-    is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
-    names = jax.tree_util.tree_flatten_with_path(logical_axes(config), is_leaf=is_names)[0]
-    shapes = [x.value.shape for x in jax.tree.leaves(abstract_params(config), is_leaf=_boxed)]
     no_fsdp = dict(sizes, fsdp=1)
     local = layer = head = 0
-    for (path, n), shape in zip(names, shapes, strict=True):
+    for keys, n, shape in _leaves(params):
         local += math.prod(local_shape(n, shape, PARAM_RULES, sizes))
         gathered = math.prod(local_shape(n, shape, PARAM_RULES, no_fsdp))
-        top = str(getattr(path[0], "key", path[0]))
+        top = keys[0]
         if top == "layers":
             layer += gathered // config.num_layers
         elif top.startswith("layers_"):
@@ -151,20 +158,14 @@ def _param_counts(config, sizes: dict[str, int]) -> tuple[int, int, int]:
     return local, layer, head
 
 
-def _lora_counts(config, sizes: dict[str, int], lora) -> tuple[int, int, int, int]:
+def _lora_counts(params, config, sizes: dict[str, int], lora) -> tuple[int, int, int, int]:
     """(trainable local, frozen local, one layer's trainable gathered, one layer's adapters gathered) elements."""
-    import jax
-
-    from model.lora import is_trainable
-    from model.params import abstract_params, logical_axes  # lazy: keeps `import sharding` light
-
-    is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
-    names = jax.tree_util.tree_flatten_with_path(logical_axes(config, lora), is_leaf=is_names)[0]
-    shapes = [x.value.shape for x in jax.tree.leaves(abstract_params(config, lora), is_leaf=_boxed)]
     no_fsdp = dict(sizes, fsdp=1)
     trainable = frozen = layer_trainable = layer_adapters = 0
-    for (path, n), shape in zip(names, shapes, strict=True):
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+    leaves = _leaves(params)
+    if not any(keys[-1] == "lora_a" for keys, _, _ in leaves):
+        raise PlanError("lora= needs params with the adapters: pass model.abstract_params(config, lora).")
+    for keys, n, shape in leaves:
         count = math.prod(local_shape(n, shape, PARAM_RULES, sizes))
         gathered = math.prod(local_shape(n, shape, PARAM_RULES, no_fsdp))
         per_layer = gathered // config.num_layers if keys[0] == "layers" else (gathered if keys[0] == "layers_0" else 0)
@@ -175,10 +176,6 @@ def _lora_counts(config, sizes: dict[str, int], lora) -> tuple[int, int, int, in
         else:
             frozen += count
     return trainable, frozen, layer_trainable, layer_adapters
-
-
-def _boxed(x) -> bool:
-    return hasattr(x, "names") and hasattr(x, "value")
 
 
 def resolve_attention(config, seq_len: int, sizes: dict[str, int], attention: str | None) -> str:
@@ -193,6 +190,7 @@ def resolve_attention(config, seq_len: int, sizes: dict[str, int], attention: st
 
 def plan_memory(
     config,
+    params,
     seq_len: int,
     batch: int,
     mesh,
@@ -208,6 +206,8 @@ def plan_memory(
 
     Args:
         config: a `model.LlamaConfig` (its ``dtype``/``param_dtype``/``attention_chunk`` are used).
+        params: the parameter tree with its logical names, ``model.abstract_params(config, lora)``
+            (with ``lora`` it must hold the adapters).
         seq_len, batch: global tokens per sequence and sequences per step.
         mesh: `MeshConfig` (sizes), a `jax.sharding.Mesh` or ``{axis: size}``.
         remat: remat policy (default ``config.remat_policy``): none | full | dots | dots_with_no_batch_dims.
@@ -247,15 +247,15 @@ def plan_memory(
     d, h, L = config.hidden_size, config.head_dim, config.num_layers
     tokens = b * t
 
-    local, layer_gathered, head_gathered = _param_counts(config, sizes)
-    params = local * W
+    local, layer_gathered, head_gathered = _param_counts(params, config, sizes)
+    param_bytes = local * W
     grads = local * W
     optimizer = 2 * local * moment_bytes
     layer_grads = layer_gathered  # one layer's weight gradients (elements) before the reduce-scatter
     lora_saved = 0
     if lora is not None:
-        trainable, frozen, layer_grads, layer_adapters = _lora_counts(config, sizes, lora)
-        params = trainable * W + frozen * _BYTES[lora.base_dtype or config.param_dtype]
+        trainable, frozen, layer_grads, layer_adapters = _lora_counts(params, config, sizes, lora)
+        param_bytes = trainable * W + frozen * _BYTES[lora.base_dtype or config.param_dtype]
         grads = trainable * W
         optimizer = 2 * trainable * moment_bytes
         layer_gathered += layer_adapters
@@ -318,7 +318,7 @@ def plan_memory(
         + (f", LoRA r={lora.rank}" if lora is not None else "")
     )
     return MemoryPlan(
-        params=params,
+        params=param_bytes,
         grads=grads,
         optimizer=optimizer,
         activations=activations,

@@ -30,21 +30,31 @@ Two rules keep the mapping honest:
   remaining axes replicate that dimension. E.g. ``batch=1`` on ``data=1, fsdp=8`` gives
   ``batch`` no sharding (the 8 FSDP ranks then hold the same tokens), ``kv_heads=8`` on
   ``tensor=16`` replicates the kv heads. ``strict=True`` raises instead.
+
+Both rules are implemented once, in `attention.axes.resolve` (below this package, so the model
+and ring attention use the same resolver without importing the table). Parameters are sharded
+from a parameter tree that carries its names (`param_shardings(model.abstract_params(cfg), mesh)`);
+activations by the rules the caller installs around the traced model::
+
+    with axis_rules(mesh):        # nn.logical_axis_rules(flax_rules(mesh))
+        logits = model.Llama(cfg, mesh=mesh).apply({"params": params}, tokens)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-Axes = tuple[str, ...]
-Rules = Mapping[str, Axes]
+from attention.axes import Axes, Rules, RulesError, resolve, to_spec
+from attention.axes import constrain as constrain  # re-exported: activations by the installed rules
 
 # name,       params,     activations
 RULES_TABLE: tuple[tuple[str, Axes, Axes], ...] = (
@@ -63,14 +73,38 @@ PARAM_RULES: dict[str, Axes] = {name: p for name, p, _ in RULES_TABLE}
 ACTIVATION_RULES: dict[str, Axes] = {name: a for name, _, a in RULES_TABLE}
 
 
-class RulesError(ValueError):
-    """Logical names that cannot be mapped onto the mesh; the message says what to change."""
-
-
 def _axis_sizes(mesh: Mesh | Mapping[str, int] | None) -> dict[str, int] | None:
     if mesh is None:
         return None
     return dict(mesh.shape) if hasattr(mesh, "shape") and not isinstance(mesh, Mapping) else dict(mesh)
+
+
+def flax_rules(mesh: Mesh | Mapping[str, int] | None = None, rules: Rules = ACTIVATION_RULES) -> tuple:
+    """``rules`` as Flax's logical-axis rules list ``((name, mesh axes or None), ...)``.
+
+    With ``mesh``, axes it lacks are dropped. Install it with ``nn.logical_axis_rules`` (or use
+    `axis_rules`); the model and ring attention resolve it with the table's collision and
+    divisibility rules (`attention.axes`).
+    """
+    sizes = _axis_sizes(mesh)
+    out = []
+    for name, axes in rules.items():
+        kept = tuple(a for a in axes if sizes is None or a in sizes)
+        out.append((name, kept or None))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh | Mapping[str, int] | None = None) -> Iterator[None]:
+    """Install the activation rules for ``mesh`` while tracing the model (a context manager or decorator).
+
+    ``with axis_rules(mesh): model.apply(...)`` — or ``@axis_rules(mesh)`` on the function that
+    ``jax.jit`` traces. The model and ring attention read these rules; given a mesh without them
+    installed they raise `RulesError`. ``mesh=None`` installs the table unfiltered (a model
+    without a mesh never reads it), so callers need no branch.
+    """
+    with nn.logical_axis_rules(flax_rules(mesh)):
+        yield
 
 
 def logical_to_axes(
@@ -90,40 +124,7 @@ def logical_to_axes(
         shape: the array shape; enables the divisibility rule (module docstring).
         strict: raise instead of replicating a dimension its axes do not divide.
     """
-    sizes = _axis_sizes(mesh)
-    if shape is not None and len(shape) != len(names):
-        raise RulesError(f"logical names {tuple(names)} do not match an array of rank {len(shape)} (shape {shape}).")
-    out: list[Axes] = []
-    used: dict[str, str | None] = {}
-    for dim, name in enumerate(names):
-        if name is None:
-            out.append(())
-            continue
-        if name not in rules:
-            raise RulesError(f"no sharding rule for logical axis {name!r}: add it to sharding.rules.RULES_TABLE.")
-        axes = tuple(a for a in rules[name] if sizes is None or a in sizes)
-        for a in axes:
-            if a in used:
-                raise RulesError(
-                    f"mesh axis {a!r} would shard both {used[a]!r} and {name!r} of {tuple(names)}: "
-                    "one mesh axis can split only one dimension; change the rules."
-                )
-            used[a] = name
-        if shape is not None and sizes is not None:
-            kept: Axes = ()
-            for i in range(len(axes), -1, -1):
-                if shape[dim] % math.prod(sizes[a] for a in axes[:i]) == 0:
-                    kept = axes[:i]
-                    break
-            if strict and kept != axes:
-                split = math.prod(sizes[a] for a in axes)
-                raise RulesError(
-                    f"dimension {dim} ({name!r}, size {shape[dim]}) is not divisible by mesh axes {axes} "
-                    f"(size {split}): pick mesh sizes that divide it."
-                )
-            axes = kept
-        out.append(axes)
-    return tuple(out)
+    return resolve(names, rules, _axis_sizes(mesh), shape, strict=strict)
 
 
 def logical_to_spec(
@@ -139,8 +140,7 @@ def logical_to_spec(
     >>> logical_to_spec(("batch", "length", "embed"))
     P(('data', 'fsdp'), 'sequence', None)
     """
-    axes = logical_to_axes(names, rules, mesh, shape, strict=strict)
-    return P(*[None if not a else (a[0] if len(a) == 1 else a) for a in axes])
+    return to_spec(logical_to_axes(names, rules, mesh, shape, strict=strict))
 
 
 def local_shape(
@@ -156,45 +156,68 @@ def _named(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def param_shardings(config, mesh: Mesh, rules: Rules = PARAM_RULES, *, strict: bool = False, lora: Any = None) -> Any:
-    """A tree of `NamedSharding` matching `model.init_params(config, ...)`, from `model.logical_axes`.
-
-    Use it as ``init_params(config, key, out_shardings=param_shardings(config, mesh))`` so no
-    full-size parameter ever lands on one device. With ``lora`` the tree includes the adapters.
-    """
-    from model.params import abstract_params, logical_axes  # lazy: model.llama imports this module
-
-    names = logical_axes(config, lora)
-    shapes = jax.tree.map(lambda b: b.value.shape, abstract_params(config, lora), is_leaf=_is_boxed)
-    return jax.tree.map(
-        lambda n, s: _named(mesh, logical_to_spec(n, rules, mesh, s, strict=strict)),
-        names,
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x),
-    )
-
-
 def _is_boxed(x) -> bool:
-    import flax.linen as nn
-
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def shard_params(params: Any, mesh: Mesh, config) -> Any:
-    """Place an existing (host or single-device) parameter tree onto ``mesh`` by the rules table."""
-    return jax.device_put(params, param_shardings(config, mesh))
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> jax.Array:
-    """``with_sharding_constraint`` on ``x`` by logical ``names`` (activation rules by default).
+def param_names_and_shapes(params: Any, names: Any = None) -> tuple[Any, Any]:
+    """``(names tree, shapes tree)`` of a parameter tree, both shaped like the unboxed params.
 
-    Never a silent no-op: without a mesh it raises (callers skip the call when they have none),
-    and on the CPU mesh the constraint really reshards, so sharding bugs show up in tests.
+    Args:
+        params: boxed leaves (``nn.LogicallyPartitioned``: `model.abstract_params(cfg, lora)` or
+            params from ``init`` before unboxing), or plain arrays / ``jax.ShapeDtypeStruct`` with ``names``.
+        names: for plain leaves, the matching tree of logical-name tuples (`model.logical_axes`).
     """
-    if not isinstance(mesh, Mesh):
-        raise RulesError(f"constrain needs a jax.sharding.Mesh, got {type(mesh).__name__}: build one with make_mesh.")
-    spec = logical_to_spec(names, rules, mesh, x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if names is None:
+        leaves = jax.tree.leaves(params, is_leaf=_is_boxed)
+        if not leaves or not all(_is_boxed(x) for x in leaves):
+            raise RulesError(
+                "the parameter tree carries no logical axis names: pass model.abstract_params(cfg, lora) "
+                "(boxed leaves) or names=model.logical_axes(cfg, lora)."
+            )
+        names = jax.tree.map(lambda b: tuple(b.names), params, is_leaf=_is_boxed)
+        return names, jax.tree.map(lambda b: tuple(b.value.shape), params, is_leaf=_is_boxed)
+    plain = nn.meta.unbox(params)
+    if jax.tree.structure(names, is_leaf=_is_names) != jax.tree.structure(plain):
+        raise RulesError(
+            "names does not match the parameter tree: build both from the same config and LoRA "
+            "(model.logical_axes(cfg, lora))."
+        )
+    shapes = jax.tree.map(lambda x: tuple(jnp.shape(x)), plain)
+    return names, shapes
+
+
+def param_shardings(
+    params: Any, mesh: Mesh, *, names: Any = None, rules: Rules = PARAM_RULES, strict: bool = False
+) -> Any:
+    """A tree of `NamedSharding` for a parameter tree, by the rules table's parameter column.
+
+    Use it as ``init_params(cfg, key, out_shardings=param_shardings(model.abstract_params(cfg), mesh))``
+    so no full-size parameter ever lands on one device.
+
+    Args:
+        params: `model.abstract_params(cfg, lora)` (boxed: the names ride along), or real /
+            abstract params with ``names``; the result is shaped like the unboxed tree.
+        mesh: the device mesh.
+        names: logical-name tuples matching unboxed ``params`` (`model.logical_axes(cfg, lora)`).
+        rules, strict: as for `logical_to_spec`.
+    """
+    names, shapes = param_names_and_shapes(params, names)
+    return jax.tree.map(
+        lambda n, s: _named(mesh, logical_to_spec(n, rules, mesh, s, strict=strict)), names, shapes, is_leaf=_is_names
+    )
+
+
+def shard_params(params: Any, mesh: Mesh, names: Any) -> Any:
+    """Place an existing (host or single-device) parameter tree onto ``mesh`` by the rules table.
+
+    ``names``: the tree of logical-name tuples matching ``params`` (`model.logical_axes(cfg, lora)`).
+    """
+    return jax.device_put(params, param_shardings(params, mesh, names=names))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None) -> NamedSharding:

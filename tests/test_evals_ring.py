@@ -23,7 +23,7 @@ def setup():
     tok = ByteTokenizer()
     samples = [passkey_sample(tok, T, d, rng=i) for i, d in enumerate([0.2, 0.8])]
     prompt = np.asarray([s.prompt_ids for s in samples], np.int32)
-    return params, shard_params(params, mesh, CFG), mesh, samples, prompt
+    return params, shard_params(params, mesh, model.logical_axes(CFG)), mesh, samples, prompt
 
 
 @pytest.fixture(scope="module")

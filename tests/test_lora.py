@@ -85,7 +85,7 @@ def test_adapter_names_and_shardings_follow_their_base_weights():
     assert names["attn"]["q_proj"]["lora_b"] == ("layers", "lora_rank", "heads", "head_dim")
     assert names["attn"]["o_proj"]["lora_a"] == ("layers", "heads", "head_dim", "lora_rank")
     assert names["mlp"]["down_proj"]["lora_b"] == ("layers", "lora_rank", "embed")
-    sh = param_shardings(CFG, mesh_for("fsdp"), lora=LORA)["layers"]
+    sh = param_shardings(abstract_params(CFG, LORA), mesh_for("fsdp"))["layers"]
     P = jax.sharding.PartitionSpec
     assert sh["attn"]["q_proj"]["lora_a"].spec == P(None, "fsdp", None)  # A: in (embed) like the kernel's
     assert sh["attn"]["q_proj"]["lora_b"].spec == P(None, None, "tensor", None)  # B: out (heads)
@@ -322,11 +322,11 @@ def test_planner_counts_lora_like_xla(lora):
     jitted = jax.jit(step.step_fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}),
                      out_shardings=(sh, None), donate_argnums=(0,))  # fmt: skip
     mem = jitted.lower(state, batch).compile().memory_analysis()
-    plan = plan_memory(cfg, t, b, mesh_cfg, "full", loss_chunk=64, lora=lora)
+    plan = plan_memory(cfg, abstract_params(cfg, lora), t, b, mesh_cfg, "full", loss_chunk=64, lora=lora)
     assert np.isclose(plan.state, mem.argument_size_in_bytes, rtol=0.05)
     xla_total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     assert np.isclose(plan.total, xla_total, rtol=0.25)
-    full = plan_memory(cfg, t, b, mesh_cfg, "full", loss_chunk=64)
+    full = plan_memory(cfg, abstract_params(cfg), t, b, mesh_cfg, "full", loss_chunk=64)
     assert plan.optimizer < full.optimizer / 2 and plan.grads < full.grads / 2
 
 
@@ -339,6 +339,16 @@ def test_longlora_recipe_config_fits_one_node_where_full_fine_tuning_does_not():
     assert cfg.lora.targets == ("q", "k", "v", "o") and cfg.lora.train_embeddings and cfg.lora.train_norms
     assert plan.stage.seq_len == 131072 and plan.model.rope.theta > 5e7
     args = dict(remat=plan.model.remat_policy, loss_chunk=cfg.loss_chunk)
-    lora = plan_memory(plan.model, plan.stage.seq_len, plan.stage.batch_size, plan.mesh, lora=cfg.lora, **args)
-    full = plan_memory(plan.model, plan.stage.seq_len, plan.stage.batch_size, plan.mesh, **args)
+    lora = plan_memory(
+        plan.model,
+        abstract_params(plan.model, cfg.lora),
+        plan.stage.seq_len,
+        plan.stage.batch_size,
+        plan.mesh,
+        lora=cfg.lora,
+        **args,
+    )
+    full = plan_memory(
+        plan.model, abstract_params(plan.model), plan.stage.seq_len, plan.stage.batch_size, plan.mesh, **args
+    )
     assert lora.fits(80 * 10**9) and not full.fits(80 * 10**9)

@@ -16,7 +16,7 @@ import pytest
 import model
 from attention import layout
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import batch_sharding, param_shardings, replicated
+from sharding.rules import axis_rules, batch_sharding, param_shardings, replicated
 
 B, T, RING = 2, 32, 4
 CFG = model.preset("tiny", attention_chunk=4)  # chunks of 4 inside each 8-token shard: the chunk loops run
@@ -51,10 +51,10 @@ def setup():
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1, sequence=RING))
     host = _random_params(CFG)
     ref_fn = jax.jit(_fwd_bwd(model.Llama(CFG.replace(attention_impl="reference"))))
-    p_sh = param_shardings(CFG, mesh)
+    p_sh = param_shardings(model.abstract_params(CFG), mesh)
     tok_sh = batch_sharding(mesh, (B, T))
     ring_fn = jax.jit(
-        _fwd_bwd(model.Llama(CFG.replace(attention_impl="ring"), mesh=mesh)),
+        axis_rules(mesh)(_fwd_bwd(model.Llama(CFG.replace(attention_impl="ring"), mesh=mesh))),
         in_shardings=(p_sh, tok_sh, tok_sh, tok_sh, tok_sh),
         out_shardings=((replicated(mesh), tok_sh), p_sh),
     )
@@ -95,7 +95,7 @@ def test_ring_model_matches_reference(setup, ring_layout, packed):
     (loss, logits), grads = ring_fn(sharded, *moved)
     assert logits.sharding.spec == batch_sharding(mesh, (B, T)).spec  # logits stay sequence-sharded
     assert grads["layers"]["attn"]["q_proj"]["kernel"].sharding.is_equivalent_to(
-        param_shardings(CFG, mesh)["layers"]["attn"]["q_proj"]["kernel"], 4
+        param_shardings(model.abstract_params(CFG), mesh)["layers"]["attn"]["q_proj"]["kernel"], 4
     )
     logits = layout.from_layout(logits, RING, ring_layout)
     assert abs(float(loss) - float(ref_loss)) <= TOL

@@ -26,7 +26,7 @@ from attention.pallas_attention import PallasConfig, pallas_attention, ring_pall
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.reference import reference_attention
 from model.config import ConfigError
-from sharding import MeshConfig, make_mesh
+from sharding import MeshConfig, axis_rules, make_mesh
 
 N, H = 4, 16
 SCALE = H**-0.5
@@ -262,6 +262,7 @@ def test_attention_ring_pallas_kernel_on_eight_devices(layout):
     def loss(fn):
         return lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * d_out)
 
+    @axis_rules(mesh)
     def ring_fn(q, k, v):
         kw = dict(impl="ring", mesh=mesh, q_positions=pos, kv_positions=pos, segment_ids=seg, chunk_size=8)
         return attention(q, k, v, kernel="pallas", **kw)

@@ -20,9 +20,9 @@ def test_param_bytes_equal_the_real_shards():
     cfg = model.preset("small")
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
     shapes = jax.tree.leaves(jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)))
-    shardings = jax.tree.leaves(param_shardings(cfg, mesh))
+    shardings = jax.tree.leaves(param_shardings(model.abstract_params(cfg), mesh))
     local = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(shapes, shardings, strict=True))
-    plan = plan_memory(cfg, 256, 2, mesh, "full", attention="ring")
+    plan = plan_memory(cfg, model.abstract_params(cfg), 256, 2, mesh, "full", attention="ring")
     assert plan.params == local == plan.grads
     assert plan.optimizer == 2 * local  # two fp32 AdamW moments for fp32 params
 
@@ -30,7 +30,7 @@ def test_param_bytes_equal_the_real_shards():
 def test_llama3_8b_at_1m_tokens():
     cfg = model.preset("llama3-8b", dtype="bfloat16")
     mesh = MeshConfig(data=1, fsdp=8, tensor=1, sequence=64)
-    plan = plan_memory(cfg, 1 << 20, 1, mesh, "full")
+    plan = plan_memory(cfg, model.abstract_params(cfg), 1 << 20, 1, mesh, "full")
     assert plan.params == cfg.num_params() * 4 // 8  # every parameter splits evenly over fsdp=8
     assert plan.optimizer == 2 * plan.params
     t_local = (1 << 20) // 64
@@ -38,27 +38,43 @@ def test_llama3_8b_at_1m_tokens():
     assert plan.fits(80 * GB) and not plan.fits(20 * GB)
     assert "attention ring" in plan.description and "batch 1 does not divide" in plan.table()
     # On 8 devices without a ring, a million tokens of activations cannot fit.
-    assert not plan_memory(cfg, 1 << 20, 1, MeshConfig(fsdp=8, sequence=1), "full").fits(80 * GB)
+    assert not plan_memory(cfg, model.abstract_params(cfg), 1 << 20, 1, MeshConfig(fsdp=8, sequence=1), "full").fits(
+        80 * GB
+    )
 
 
 def test_scaling_rules():
     cfg = model.preset("llama3.2-1b", dtype="bfloat16")
     mesh = MeshConfig(data=1, fsdp=4, tensor=2, sequence=8)
-    by_remat = {r: plan_memory(cfg, 65536, 4, mesh, r) for r in ("none", "dots", "full")}
+    by_remat = {r: plan_memory(cfg, model.abstract_params(cfg), 65536, 4, mesh, r) for r in ("none", "dots", "full")}
     assert by_remat["none"].activations > by_remat["dots"].activations > by_remat["full"].activations
     assert by_remat["full"].layer_working > by_remat["none"].layer_working  # remat recomputes a layer
-    longer = plan_memory(cfg, 131072, 4, mesh, "full")
+    longer = plan_memory(cfg, model.abstract_params(cfg), 131072, 4, mesh, "full")
     assert longer.activations == 2 * by_remat["full"].activations  # activations are linear in length
-    wider = plan_memory(cfg, 131072, 4, MeshConfig(data=1, fsdp=4, tensor=2, sequence=16), "full")
+    wider = plan_memory(
+        cfg, model.abstract_params(cfg), 131072, 4, MeshConfig(data=1, fsdp=4, tensor=2, sequence=16), "full"
+    )
     assert wider.activations * 2 == longer.activations  # a twice longer ring holds half the tokens each
     assert wider.params == longer.params  # the sequence axis does not shard parameters
-    full_logits = plan_memory(cfg, 65536, 4, mesh, "full", loss_chunk=None)
+    full_logits = plan_memory(cfg, model.abstract_params(cfg), 65536, 4, mesh, "full", loss_chunk=None)
     assert full_logits.logits > 10 * by_remat["full"].logits  # chunking the loss removes the [t, v] logits
     reference = plan_memory(
-        cfg, 8192, 4, MeshConfig(data=1, fsdp=8, tensor=1, sequence=1), "none", attention="reference"
+        cfg,
+        model.abstract_params(cfg),
+        8192,
+        4,
+        MeshConfig(data=1, fsdp=8, tensor=1, sequence=1),
+        "none",
+        attention="reference",
     )
     blockwise = plan_memory(
-        cfg, 8192, 4, MeshConfig(data=1, fsdp=8, tensor=1, sequence=1), "none", attention="blockwise"
+        cfg,
+        model.abstract_params(cfg),
+        8192,
+        4,
+        MeshConfig(data=1, fsdp=8, tensor=1, sequence=1),
+        "none",
+        attention="blockwise",
     )
     assert reference.attention > 20 * blockwise.attention  # dense [t, s] scores versus chunk tiles
 
@@ -66,14 +82,23 @@ def test_scaling_rules():
 def test_plan_errors():
     cfg = model.preset("tiny")
     with pytest.raises(PlanError, match="unknown remat policy 'some'"):
-        plan_memory(cfg, 64, 1, MeshConfig(fsdp=1), "some")
+        plan_memory(cfg, model.abstract_params(cfg), 64, 1, MeshConfig(fsdp=1), "some")
     with pytest.raises(PlanError, match="not divisible by sequence=4"):
-        plan_memory(cfg, 66, 1, MeshConfig(fsdp=2, sequence=4), "full")
+        plan_memory(cfg, model.abstract_params(cfg), 66, 1, MeshConfig(fsdp=2, sequence=4), "full")
     with pytest.raises(PlanError, match="has a -1 axis"):
-        plan_memory(cfg, 64, 1, MeshConfig(fsdp=-1, sequence=4), "full")
-    assert plan_memory(cfg, 64, 1, MeshConfig(fsdp=-1, sequence=4), "full", num_devices=8).params > 0
+        plan_memory(cfg, model.abstract_params(cfg), 64, 1, MeshConfig(fsdp=-1, sequence=4), "full")
+    assert (
+        plan_memory(
+            cfg, model.abstract_params(cfg), 64, 1, MeshConfig(fsdp=-1, sequence=4), "full", num_devices=8
+        ).params
+        > 0
+    )
+    with pytest.raises(PlanError, match="lora= needs params with the adapters"):
+        plan_memory(cfg, model.abstract_params(cfg), 64, 1, MeshConfig(fsdp=2), "full", lora=model.LoraConfig(rank=4))
     with pytest.raises(PlanError, match="needs ring attention"):
-        plan_memory(cfg, 64, 1, MeshConfig(fsdp=2, sequence=4), "full", attention="blockwise")
+        plan_memory(
+            cfg, model.abstract_params(cfg), 64, 1, MeshConfig(fsdp=2, sequence=4), "full", attention="blockwise"
+        )
 
 
 def test_parse_bytes():

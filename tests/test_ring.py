@@ -7,19 +7,28 @@ compares outputs, LSE and dq/dk/dv with the reference. Axes are covered pairwise
 boundaries, batch on data/fsdp and heads on tensor at the same time.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attention import attention, instrument
+from attention.axes import RulesError
 from attention.layout import from_layout, to_layout
 from attention.masks import make_mask
 from attention.reference import reference_attention
 from attention.ring import RingError, sharded_attention
-from sharding import MeshConfig, make_mesh
+from sharding import MeshConfig, axis_rules, flax_rules, make_mesh
 
 N_HEADS, HEAD_DIM, LENGTH = 8, 16, 32
+
+
+@pytest.fixture(autouse=True)
+def _rules():
+    # The shard_map specs come from the installed rules; the unfiltered table fits every mesh here.
+    with axis_rules():
+        yield
 
 
 def _inputs(seed, b, kv_heads, dtype=np.float32):
@@ -213,3 +222,60 @@ def test_attention_entry_point_runs_ring_and_falls_back_clearly():
     assert _max_diff(fallback, fallback_ref) <= 1e-5
     with pytest.raises(ValueError, match="not divisible by the 4"):
         attention(*short, impl="ring", mesh=mesh)
+
+
+def test_ring_specs_come_from_the_installed_rules():
+    """Batch 3 on data=2 raises under the table; with rules that leave the batch unsharded the same call
+    runs and matches the reference, so the shard_map specs really are the installed rules."""
+    mesh_cfg = MeshConfig(data=2, fsdp=1, tensor=1, sequence=4)
+    mesh = make_mesh(mesh_cfg)
+    q, k, v, d_out, d_lse = _inputs(4, 3, 2)
+    pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (3, LENGTH)).copy()
+
+    def ring_fn(q, k, v):
+        return sharded_attention(q, k, v, mesh=mesh, chunk_size=4, return_lse=True)
+
+    def reference(q, k, v):
+        return reference_attention(q, k, v, make_mask(pos, pos, None, None, True), HEAD_DIM**-0.5)
+
+    with pytest.raises(RingError, match="batch 3 is not divisible by the 2 data×fsdp shards"):
+        ring_fn(q, k, v)
+    no_batch = tuple((name, None if name == "batch" else axes) for name, axes in flax_rules(mesh))
+    with nn.logical_axis_rules(no_batch):
+        (out, lse, grads), (out_r, lse_r, grads_r) = _run(ring_fn, reference, q, k, v, d_out, d_lse)
+    assert _max_diff(out, out_r) <= 1e-5 and _max_diff(lse, lse_r) <= 1e-5
+    assert max(_max_diff(g, g_r) for g, g_r in zip(grads, grads_r, strict=True)) <= 1e-4
+
+
+def test_ring_refuses_missing_or_mismatched_rules():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=8))
+    q = np.zeros((1, 32, 8, 16), np.float32)
+    kv = np.zeros((1, 32, 2, 16), np.float32)
+    with nn.logical_axis_rules(()):
+        with pytest.raises(RulesError, match="no logical-axis rules are installed"):
+            sharded_attention(q, kv, kv, mesh=mesh)
+    no_length = tuple((name, None if name == "length" else axes) for name, axes in flax_rules(mesh))
+    with nn.logical_axis_rules(no_length):
+        with pytest.raises(RingError, match="shard 'length' over exactly that axis"):
+            sharded_attention(q, kv, kv, mesh=mesh)
+    moved = {"heads": None, "kv_heads": None, "head_dim": "tensor"}
+    split_h = tuple((name, moved.get(name, axes)) for name, axes in flax_rules(mesh))
+    with nn.logical_axis_rules(split_h):
+        with pytest.raises(RingError, match="needs 'head_dim' unsharded"):
+            sharded_attention(q, kv, kv, mesh=mesh)
+
+
+def test_ring_replicates_heads_that_do_not_divide_with_a_warning():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=4, sequence=2))
+    q, k, v, d_out, d_lse = _inputs(5, 1, 2)  # 2 kv heads on tensor=4
+    pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (1, LENGTH)).copy()
+
+    def ring_fn(q, k, v):
+        return sharded_attention(q, k, v, mesh=mesh, chunk_size=4, return_lse=True)
+
+    def reference(q, k, v):
+        return reference_attention(q, k, v, make_mask(pos, pos, None, None, True), HEAD_DIM**-0.5)
+
+    with pytest.warns(UserWarning, match="8 query / 2 kv heads do not divide tensor=4; heads are replicated"):
+        (out, lse, _), (out_r, lse_r, _) = _run(ring_fn, reference, q, k, v, d_out, d_lse)
+    assert _max_diff(out, out_r) <= 1e-5 and _max_diff(lse, lse_r) <= 1e-5

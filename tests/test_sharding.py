@@ -1,5 +1,6 @@
 """The rules table, sharding helpers and multi-host helpers on the emulated 8-device CPU mesh."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,10 @@ from sharding.rules import (
     ACTIVATION_RULES,
     PARAM_RULES,
     RulesError,
+    axis_rules,
     batch_sharding,
     constrain,
+    flax_rules,
     local_shape,
     logical_to_spec,
     opt_state_shardings,
@@ -37,7 +40,9 @@ def mesh():
 def params(mesh):
     """(plain, sharded) params from the same key: one compile each, shared by the tests below."""
     key = jax.random.key(3)
-    return model.init_params(CFG, key), model.init_params(CFG, key, out_shardings=param_shardings(CFG, mesh))
+    return model.init_params(CFG, key), model.init_params(
+        CFG, key, out_shardings=param_shardings(model.abstract_params(CFG), mesh)
+    )
 
 
 def test_rules_table_specs():
@@ -74,12 +79,20 @@ def test_divisibility_falls_back_to_replication_by_prefix():
 
 
 def test_param_shardings_init_and_shard_params(mesh, params):
-    shardings = param_shardings(CFG, mesh)
+    shardings = param_shardings(model.abstract_params(CFG), mesh)
     assert shardings["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)
     assert shardings["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
     # A ring-attention config has the same parameters (and needs no mesh to describe them).
-    assert param_shardings(CFG.replace(attention_impl="ring"), mesh) == shardings
+    assert param_shardings(model.abstract_params(CFG.replace(attention_impl="ring")), mesh) == shardings
     plain, sharded = params
+    # Real params with their names give the same tree as the boxed abstract one.
+    assert param_shardings(plain, mesh, names=model.logical_axes(CFG)) == shardings
+    with pytest.raises(RulesError, match="carries no logical axis names"):
+        param_shardings(plain, mesh)
+    with pytest.raises(RulesError, match="names does not match the parameter tree"):
+        param_shardings(
+            plain, mesh, names=model.logical_axes(CFG.replace(tie_word_embeddings=not CFG.tie_word_embeddings))
+        )
     assert jax.tree.structure(sharded) == jax.tree.structure(shardings)
     names = model.logical_axes(CFG)
     is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)  # noqa: E731
@@ -94,7 +107,7 @@ def test_param_shardings_init_and_shard_params(mesh, params):
         expect = local_shape(n, x.shape, PARAM_RULES, mesh)
         assert {tuple(sh.data.shape) for sh in x.addressable_shards} == {expect}
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
-    moved = shard_params(plain, mesh, CFG)
+    moved = shard_params(plain, mesh, model.logical_axes(CFG))
     q = moved["layers"]["attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == P(None, "fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (
@@ -107,7 +120,7 @@ def test_param_shardings_init_and_shard_params(mesh, params):
 
 def test_constrain_reshards_inside_jit(mesh):
     x = jax.device_put(jnp.arange(4 * 8 * 6, dtype=jnp.float32).reshape(4, 8, 6), replicated(mesh))
-    fn = jax.jit(lambda a: constrain(a * 2.0, ("batch", "length", "embed"), mesh))
+    fn = jax.jit(axis_rules(mesh)(lambda a: constrain(a * 2.0, ("batch", "length", "embed"), mesh)))
     out = fn(x)
     # data=1, so the compiled output's spec drops it: compare as shardings, and the shard shapes.
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "sequence", None)), 3)
@@ -116,6 +129,46 @@ def test_constrain_reshards_inside_jit(mesh):
     assert "sharding" in fn.lower(x).as_text()
     with pytest.raises(RulesError, match="needs a jax.sharding.Mesh"):
         constrain(x, ("batch", "length", "embed"), None)
+    # Never a silent no-op: a mesh without installed rules is an error, not an unsharded result.
+    with pytest.raises(RulesError, match="no logical-axis rules are installed"):
+        jax.jit(lambda a: constrain(a, ("batch", "length", "embed"), mesh))(x)
+
+
+def test_installed_rules_are_the_table_for_the_mesh():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1, sequence=1))
+    assert dict(flax_rules(mesh))["batch"] == ("data", "fsdp") and dict(flax_rules(mesh))["embed"] is None
+    assert dict(flax_rules({"sequence": 8}))["batch"] is None  # axes the mesh lacks are dropped
+    with axis_rules(mesh):
+        # Flax's own resolver reads the same installed list...
+        assert nn.logical_to_mesh_axes(("batch", "length", "heads")) == P(("data", "fsdp"), "sequence", "tensor")
+        x = jnp.zeros((2, 16, 4), jnp.float32)
+        # ...and constrain adds the table's divisibility rule: batch 2 keeps data=2, replicates over fsdp.
+        out = jax.jit(lambda a: constrain(a + 1.0, ("batch", "length", "embed"), mesh))(x)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, None)), 3)
+    assert out.addressable_shards[0].data.shape == (1, 16, 4)
+    with nn.logical_axis_rules((("batch", "data"), ("batch", "fsdp"))):
+        with pytest.raises(RulesError, match="list 'batch' twice"):
+            constrain(x, ("batch", None, None), mesh)
+
+
+def test_model_activations_follow_the_installed_rules():
+    """The model constrains its hidden states by the rules the caller installs (and refuses a mesh without them)."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, sequence=2))
+    cfg = CFG.replace(attention_impl="reference")
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((1, 8), jnp.int32)  # batch 1 does not divide fsdp=2: it is replicated, not an error
+    net = model.Llama(cfg, mesh=mesh)
+    fn = jax.jit(lambda p, t: net.apply({"params": p}, t, return_hidden=True))
+    with pytest.raises(RulesError, match="no logical-axis rules are installed"):
+        fn(params, tokens)
+    with axis_rules(mesh):
+        hidden = fn(params, tokens)
+    assert hidden.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "sequence", None)), 3)
+    # Rules that send 'length' nowhere give a different sharding: the constraint reads the installed rules.
+    custom = tuple((name, None if name == "length" else axes) for name, axes in flax_rules(mesh))
+    with nn.logical_axis_rules(custom):
+        hidden = jax.jit(lambda p, t: net.apply({"params": p}, t, return_hidden=True))(params, tokens)
+    assert hidden.sharding.is_equivalent_to(NamedSharding(mesh, P()), 3)
 
 
 def test_batch_sharding(mesh):
@@ -127,7 +180,7 @@ def test_batch_sharding(mesh):
 
 
 def test_opt_state_shardings_mirror_params(mesh, params):
-    shardings = param_shardings(CFG, mesh)
+    shardings = param_shardings(model.abstract_params(CFG), mesh)
     params = params[1]
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     abstract = jax.eval_shape(opt.init, params)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from model.config import ConfigError
+from model.params import abstract_params
 from sharding.rules import param_shardings
 from train.config import StagePlan, TrainConfig
 from train.state import TrainState, init_opt_state, state_shardings
@@ -48,7 +49,8 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print, num_device
     rows = []
     for plan in plans:
         remat = plan.model.remat_policy
-        report = plan_memory(plan.model, seq_len=plan.stage.seq_len, batch=plan.stage.batch_size, mesh=plan.mesh,
+        report = plan_memory(plan.model, abstract_params(plan.model, cfg.lora), seq_len=plan.stage.seq_len,
+                             batch=plan.stage.batch_size, mesh=plan.mesh,
                              remat=remat, loss_chunk=cfg.loss_chunk, num_devices=num_devices,
                              lora=cfg.lora)  # fmt: skip
         total = int(report.total)
@@ -83,7 +85,7 @@ def init_from_model(path: str, plan: StagePlan, mesh: Mesh, say=print):
         path,
         dtype=plan.model.param_dtype,
         scan_layers=plan.model.scan_layers,
-        mesh_shardings=param_shardings(plan.model, mesh),
+        mesh_shardings=param_shardings(abstract_params(plan.model), mesh),
     )
     return params
 

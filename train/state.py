@@ -51,7 +51,9 @@ def _unboxed_abstract_params(cfg: LlamaConfig, lora: lora_lib.LoraConfig | None 
 
 def _random_base(model_cfg: LlamaConfig, mesh: Mesh, key: jax.Array) -> Any:
     """The random base a LoRA run without ``--init-from`` adapts (the same ``key`` gives the same base)."""
-    return init_params(model_cfg, jax.random.fold_in(key, 1), out_shardings=param_shardings(model_cfg, mesh))
+    return init_params(
+        model_cfg, jax.random.fold_in(key, 1), out_shardings=param_shardings(abstract_params(model_cfg), mesh)
+    )
 
 
 def _split_trees(model_cfg: LlamaConfig, lora, tree: Any) -> tuple[Any, Any]:
@@ -73,7 +75,7 @@ def state_shardings(
     """A `TrainState` of `NamedSharding` for ``mesh`` (params and moments by the rules table)."""
     tx = make_optimizer(optim_cfg)
     params_abs, _ = _split_trees(model_cfg, lora, _unboxed_abstract_params(model_cfg, lora))
-    p_sh, f_sh = _split_trees(model_cfg, lora, param_shardings(model_cfg, mesh, lora=lora))
+    p_sh, f_sh = _split_trees(model_cfg, lora, param_shardings(abstract_params(model_cfg, lora), mesh))
     opt_abs = jax.eval_shape(tx.init, params_abs)
     o_sh = opt_state_shardings(opt_abs, p_sh, params_abs, mesh)
     return TrainState(params=p_sh, opt_state=o_sh, step=replicated(mesh), frozen=f_sh)
@@ -139,7 +141,7 @@ def merged_params(state: TrainState, model_cfg: LlamaConfig, lora: lora_lib.Lora
     """
     if lora is None:
         return state.params
-    sh = param_shardings(model_cfg, mesh)
+    sh = param_shardings(abstract_params(model_cfg), mesh)
     dtype = jnp.dtype(model_cfg.param_dtype)
     fn = lambda p, f: jax.tree.map(lambda x: x.astype(dtype), lora_lib.merge(lora_lib.combine(p, f), lora))
     return jax.jit(fn, out_shardings=sh)(state.params, state.frozen)
@@ -173,7 +175,7 @@ def init_state(
     sh = state_shardings(model_cfg, optim_cfg, mesh, lora)
     frozen = None
     if lora is not None:
-        full_sh = param_shardings(model_cfg, mesh, lora=lora)
+        full_sh = param_shardings(abstract_params(model_cfg, lora), mesh)
         adapter_sh = lora_lib.adapters(full_sh)
         # Only the adapters leave the jit, so XLA drops the base initialisers it does not need.
         fresh = jax.jit(

@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding
 from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.llama import Llama
-from model.params import lm_head_kernel
-from sharding.rules import batch_sharding, constrain, param_shardings, replicated
+from model.params import abstract_params, lm_head_kernel
+from sharding.rules import axis_rules, batch_sharding, constrain, param_shardings, replicated
 from train.loss import chunked_cross_entropy
 from train.optim import OptimConfig, apply_updates, make_optimizer, make_schedule
 from train.state import TrainState, state_shardings
@@ -136,6 +136,7 @@ def make_train_step(
     st_sh = state_shardings(model_cfg, optim_cfg, mesh, lora)
     rep = replicated(mesh)
 
+    @axis_rules(mesh)
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         # loss_mask may carry weights (e.g. up-weighted answer tokens): the loss is their weighted mean.
         weight = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -212,10 +213,11 @@ def make_eval_step(
     pipeline put on answer tokens); ``weighted=True`` uses the mask's weights, as the train loss does.
     """
     model = Llama(model_cfg, mesh=mesh)
-    p_sh = param_shardings(model_cfg, mesh)
+    p_sh = param_shardings(abstract_params(model_cfg), mesh)
     rep = replicated(mesh)
     compiled: dict[tuple, Callable] = {}
 
+    @axis_rules(mesh)
     def fn(params, batch):
         if not weighted:
             batch = dict(batch, loss_mask=(batch["loss_mask"] != 0).astype(jnp.float32))
