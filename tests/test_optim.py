@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.config import ConfigError
 from train.optim import OptimConfig, apply_updates, make_optimizer, make_schedule
 
 
@@ -78,3 +79,15 @@ def test_apply_updates_is_params_minus_lr_times_direction():
         expected = (params[name] - lr * direction[name]).astype(params[name].dtype)
         assert new[name].dtype == params[name].dtype
         np.testing.assert_array_equal(np.asarray(new[name], np.float32), np.asarray(expected, np.float32))
+
+
+def test_optim_config_reads_checks_and_replaces_through_the_config_library():
+    cfg = OptimConfig.from_dict({"lr": "1e-3", "warmup_steps": 5.0, "schedule": "linear"})  # YAML reads 1e-3 as text
+    assert cfg == OptimConfig(lr=1e-3, warmup_steps=5, schedule="linear") and isinstance(cfg.warmup_steps, int)
+    assert cfg.replace(lr="2e-3").lr == 2e-3 and cfg.replace(lr="2e-3").schedule == "linear"
+    with pytest.raises(ConfigError, match=r"unknown optim field lr_max: remove it or use one of lr, schedule"):
+        cfg.replace(lr_max=1.0)
+    with pytest.raises(ConfigError, match=r"warmup_steps must be an int, got 2.5 \(wrong type\)"):
+        OptimConfig.from_dict({"warmup_steps": 2.5})
+    with pytest.raises(ConfigError, match=r"optim.min_lr_ratio must be a fraction in \[0, 1\], got 2.0"):
+        cfg.replace(min_lr_ratio=2)  # the dataclass's own checks run too

@@ -84,6 +84,10 @@ class OptimConfig:
             if not ok or (isinstance(getattr(self, name), float) and not math.isfinite(getattr(self, name))):
                 raise ConfigError(f"optim.{name} must be {want}, got {getattr(self, name)!r}.")
 
+    def replace(self, **changes: Any) -> OptimConfig:
+        """A copy with ``changes``, checked like a config file's values (``replace(lr="1e-3")`` works)."""
+        return schema.build(OptimConfig, {**schema.to_dict(self), **changes}, label="optim")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
         """Build from a plain mapping; unknown keys and ill-typed values are a `ConfigError` naming them."""
