@@ -3,6 +3,9 @@
 Hugging Face configs come in two layouts and both are read and written:
 - transformers v4: top-level ``rope_theta`` plus ``rope_scaling`` (key ``type`` or ``rope_type``);
 - transformers v5: ``rope_parameters`` holding ``rope_theta`` and ``rope_type``.
+
+Plain dicts (a checkpoint's ``ringllama_config.json``, a run config's ``model:`` section) go
+through the one config library, `model.schema`; the string under each field is its help text.
 """
 
 from __future__ import annotations
@@ -243,9 +246,9 @@ class LlamaConfig:
         return schema.to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "") -> LlamaConfig:
+    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
         """Inverse of `to_dict` (also a checkpoint's stored dict); unknown keys are an error naming them."""
-        return schema.build(cls, data, where, label={cls: "model config", RopeConfig: "rope"})
+        return schema.build(cls, data, label={cls: "model config", RopeConfig: "rope"})
 
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:
