@@ -3,6 +3,9 @@
 Hugging Face configs come in two layouts and both are read and written:
 - transformers v4: top-level ``rope_theta`` plus ``rope_scaling`` (key ``type`` or ``rope_type``);
 - transformers v5: ``rope_parameters`` holding ``rope_theta`` and ``rope_type``.
+
+Plain dicts (a checkpoint's ``ringllama_config.json``, a run config's ``model:`` section) go
+through the one config library, `model.schema`; the string under each field is its help text.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from model import schema
+from model.schema import ConfigError, Items
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
@@ -45,28 +51,38 @@ _ROPE_KEYS = (
 )
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model; the message says what to fix."""
-
-
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding settings; every field of every HF rope type (unused ones stay None)."""
 
     rope_type: str = "default"
+    """default | linear | dynamic | yarn | llama3 | longrope (HF's rope types)"""
     theta: float = 500000.0
+    """the rotary base θ"""
     factor: float | None = None
+    """context scaling factor (linear, dynamic, yarn, llama3, longrope)"""
     low_freq_factor: float | None = None
+    """llama3: wavelengths above original/low_freq_factor are divided by factor"""
     high_freq_factor: float | None = None
+    """llama3: wavelengths below original/high_freq_factor stay unchanged"""
     original_max_position_embeddings: int | None = None
+    """the pretraining context length (llama3, yarn, longrope)"""
     beta_fast: float | None = None
+    """yarn: fast boundary of the correction range (HF default 32)"""
     beta_slow: float | None = None
+    """yarn: slow boundary of the correction range (HF default 1)"""
     mscale: float | None = None
+    """yarn: attention-factor scale"""
     mscale_all_dim: float | None = None
+    """yarn: attention-factor scale divided out over all dims"""
     attention_factor: float | None = None
+    """yarn/longrope: explicit attention factor on cos and sin"""
     truncate: bool | None = None
-    short_factor: tuple[float, ...] | None = None
-    long_factor: tuple[float, ...] | None = None
+    """yarn: floor/ceil the correction range (HF default true)"""
+    short_factor: Items[float] | None = None
+    """longrope: per-frequency factors within the original context (head_dim/2 entries)"""
+    long_factor: Items[float] | None = None
+    """longrope: per-frequency factors beyond the original context (head_dim/2 entries)"""
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -118,40 +134,51 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Llama 3 architecture plus the numerics and execution switches ringllama adds.
-
-    ``head_dim`` may differ from ``hidden_size // num_heads``. ``scan_layers`` stacks the
-    decoder layers under one ``layers`` subtree with a leading ``[layers]`` axis;
-    ``remat_policy`` names a `jax.checkpoint` policy applied per layer. ``attention_kernel``
-    is the local kernel of blockwise/ring attention: ``jnp`` loops, ``pallas`` kernels, or
-    ``auto`` (Pallas on GPU, jnp elsewhere; `attention.choose_kernel`).
-    """
+    """Llama 3 architecture plus the numerics and execution switches ringllama adds."""
 
     vocab_size: int = 128256
+    """vocabulary size"""
     hidden_size: int = 4096
+    """model width d"""
     intermediate_size: int = 14336
+    """MLP width f"""
     num_layers: int = 32
+    """decoder layers"""
     num_heads: int = 32
+    """query heads"""
     num_kv_heads: int = 8
+    """key/value heads (GQA; divides num_heads)"""
     head_dim: int = 128
+    """per-head width (may differ from hidden_size / num_heads)"""
     rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon"""
     max_position_embeddings: int = 8192
+    """context length the model is configured for (curriculum stages update it)"""
     tie_word_embeddings: bool = False
+    """share the embedding and output head"""
     rope: RopeConfig = field(default_factory=RopeConfig)
+    """RoPE settings, e.g. {theta: 10000}"""
     bos_token_id: int | None = 128000
-    eos_token_id: tuple[int, ...] = (128001,)
+    """BOS id"""
+    eos_token_id: Items[int] = (128001,)
+    """EOS id(s)"""
     dtype: str = "float32"
+    """compute dtype: float32 | bfloat16 | float16"""
     param_dtype: str = "float32"
+    """parameter (master) dtype: float32 | bfloat16 | float16"""
     scan_layers: bool = True
+    """stack the layers under one `layers` subtree with a leading [layers] axis, run by lax.scan (flat compile time)"""
     remat_policy: str = "none"
+    """jax.checkpoint policy per layer: none | full | dots | dots_with_no_batch_dims"""
     attention_impl: str = "auto"
+    """auto | reference | xla | blockwise | ring"""
     attention_chunk: int = 512
+    """KV chunk of blockwise/ring attention"""
     attention_kernel: str = "auto"
+    """local kernel of blockwise/ring: jnp loops, pallas kernels, or auto (pallas on GPU, jnp elsewhere)"""
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope, dict):
-            object.__setattr__(self, "rope", RopeConfig(**self.rope))
-        if isinstance(self.eos_token_id, int):
+        if isinstance(self.eos_token_id, int):  # from_hf: HF configs hold one id or a list
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -216,26 +243,12 @@ class LlamaConfig:
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (the ringllama checkpoint's config.json)."""
-        out = dataclasses.asdict(self)
-        out["rope"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out["rope"].items()}
-        out["eos_token_id"] = list(self.eos_token_id)
-        return out
+        return schema.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        """Inverse of `to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s) {', '.join(unknown)}: remove them or fix the spelling.")
-        data = dict(data)
-        if isinstance(data.get("rope"), dict):
-            rope_known = {f.name for f in dataclasses.fields(RopeConfig)}
-            bad = sorted(set(data["rope"]) - rope_known)
-            if bad:
-                raise ConfigError(f"unknown rope field(s) {', '.join(bad)}: use {', '.join(sorted(rope_known))}.")
-            data["rope"] = RopeConfig(**data["rope"])
-        return cls(**data)
+        """Inverse of `to_dict` (also a checkpoint's stored dict); unknown keys are an error naming them."""
+        return schema.build(cls, data, label={cls: "model config", RopeConfig: "rope"})
 
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:

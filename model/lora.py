@@ -18,7 +18,6 @@ embeddings and norms.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import schema
 from model.config import DTYPES, ConfigError
+from model.schema import Items
 
 # Config name → the kernel's module name (as in the param tree and HF).
 TARGETS = {
@@ -46,25 +47,22 @@ RANK_AXIS = "lora_rank"
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters on the chosen kernels; everything else frozen unless listed trainable.
-
-    Attributes:
-        rank: r, the adapters' inner width (≥ 1).
-        alpha: the update is scaled by alpha / rank.
-        dropout: LoRA dropout on the adapter input; only 0 is supported.
-        targets: adapted kernels, from q, k, v, o, gate, up, down.
-        train_embeddings: also train the token embedding (LongLoRA's "LoRA+").
-        train_norms: also train every RMSNorm scale (LongLoRA's "LoRA+").
-        base_dtype: dtype the frozen base is stored in (null: the model's param_dtype; bfloat16 halves it).
-    """
+    """Low-rank adapters on the chosen kernels; everything else frozen unless listed trainable."""
 
     rank: int = 8
+    """r, the adapters' inner width (≥ 1)"""
     alpha: float = 16.0
+    """the update is scaled by alpha / rank"""
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    """LoRA dropout on the adapter input; only 0 is supported"""
+    targets: Items[str] = ("q", "k", "v", "o")
+    """adapted kernels, from q, k, v, o, gate, up, down"""
     train_embeddings: bool = True
+    """also train the token embedding (LongLoRA's "LoRA+")"""
     train_norms: bool = True
+    """also train every RMSNorm scale (LongLoRA's "LoRA+")"""
     base_dtype: str | None = None
+    """dtype the frozen base is stored in (null: the model's param_dtype; bfloat16 halves it)"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -92,15 +90,11 @@ class LoraConfig:
         return tuple(TARGETS[t] for t in self.targets)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return schema.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown lora field(s) {', '.join(unknown)}: use {', '.join(sorted(known))}.")
-        return cls(**dict(data))
+        return schema.build(cls, dict(data), label="lora")
 
 
 # ------------------------------------------------------------------------------ params and math

@@ -28,9 +28,13 @@ class MeshConfig:
     """Mesh axis sizes; at most one may be ``-1`` (all remaining devices)."""
 
     data: int = 1
+    """data-parallel replicas"""
     fsdp: int = -1
+    """fully-sharded data parallel (params and optimizer state sharded)"""
     tensor: int = 1
+    """tensor parallel (heads, MLP)"""
     sequence: int = 1
+    """sequence parallel: the ring of ring attention"""
 
     def resolve(self, num_devices: int) -> tuple[int, ...]:
         """Concrete axis sizes for ``num_devices`` devices, in `AXES` order."""

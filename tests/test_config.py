@@ -224,6 +224,32 @@ def test_dict_round_trip_keeps_ringllama_fields():
         LlamaConfig.from_dict({**data, "rope": {**data["rope"], "scaling_factor": 2}})
 
 
+# The ringllama_config.json a checkpoint of the tiny preset holds, as written before the config library.
+STORED_TINY = json.loads(
+    '{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, '
+    '"num_kv_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-05, "max_position_embeddings": 2048, '
+    '"tie_word_embeddings": false, "rope": {"rope_type": "default", "theta": 10000.0, "factor": null, '
+    '"low_freq_factor": null, "high_freq_factor": null, "original_max_position_embeddings": null, "beta_fast": null, '
+    '"beta_slow": null, "mscale": null, "mscale_all_dim": null, "attention_factor": null, "truncate": null, '
+    '"short_factor": null, "long_factor": null}, "bos_token_id": 1, "eos_token_id": [2], "dtype": "float32", '
+    '"param_dtype": "float32", "scan_layers": true, "remat_policy": "none", "attention_impl": "auto", '
+    '"attention_chunk": 512, "attention_kernel": "auto"}'
+)
+
+
+def test_from_dict_reads_stored_checkpoint_configs():
+    cfg = LlamaConfig.from_dict(STORED_TINY)
+    assert cfg == model.preset("tiny") and hash(cfg) == hash(model.preset("tiny"))  # a jit static argument
+    assert type(cfg) is LlamaConfig and type(cfg.rope) is RopeConfig and cfg.eos_token_id == (2,)
+    assert cfg.to_dict() == STORED_TINY
+    older = {k: v for k, v in STORED_TINY.items() if k != "attention_kernel"}  # before the field existed
+    assert LlamaConfig.from_dict(older) == cfg
+    with pytest.raises(ConfigError, match=r"num_layers must be an int, got 'two'"):
+        LlamaConfig.from_dict({**STORED_TINY, "num_layers": "two"})
+    with pytest.raises(ConfigError, match=r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"):
+        LlamaConfig.from_dict({**STORED_TINY, "num_kv_heads": 3})  # __post_init__ checks run too
+
+
 def test_replace_updates_single_rope_fields():
     cfg = model.preset("tiny").replace(rope=dict(theta=2.0e8), num_layers=3)
     assert cfg.rope.theta == 2.0e8 and cfg.rope.rope_type == "default" and cfg.num_layers == 3

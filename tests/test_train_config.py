@@ -5,7 +5,10 @@ tests take milliseconds) and, through the CLI, exit with status 2, one sentence 
 no run directory left behind.
 """
 
+import ast
 import dataclasses
+import glob
+import inspect
 import math
 import typing
 
@@ -13,9 +16,21 @@ import pytest
 import yaml
 
 import model
-from model.config import ConfigError, LlamaConfig
+from model.config import ConfigError, LlamaConfig, RopeConfig
+from sharding.mesh import MeshConfig
 from train import cli
-from train.config import StageConfig, TrainConfig, config_help, from_dict, load_config, validate
+from train.config import (
+    StageConfig,
+    TrainConfig,
+    config_help,
+    dump_config,
+    from_dict,
+    load_config,
+    model_config,
+    validate,
+)
+from train.data_config import SourceConfig
+from train.optim import OptimConfig
 
 BASE = {
     "model": {"preset": "tiny", "max_position_embeddings": 64, "rope": {"theta": 1000.0}},
@@ -94,6 +109,8 @@ def test_bad_configs_fail_before_compiling_with_one_sentence(overrides, phrase):
         ({"stages": [{"seq_len": 60, "steps": 1, "batch_size": 2}]}, "does not fit the zigzag layout"),
         ({"mesh": {"data": 3, "fsdp": 1, "sequence": 4}}, "needs 12 devices but 8 are available"),
         ({"data": {"sources": [{"kind": "files", "path": "missing.jsonl"}]}}, "missing.jsonl does not exist"),
+        ({"optim": {"lr": "fast"}}, "optim.lr must be a float, got 'fast'"),
+        ({"stages": [{"seq_len": 64, "steps": "many", "batch_size": 2}]}, "stages.0.steps must be an int"),
     ],
 )
 def test_cli_exits_2_on_a_bad_config_and_leaves_no_run_dir(tmp_path, capsys, edit, phrase):
@@ -149,3 +166,68 @@ def test_stage_config_requires_length_and_steps():
     with pytest.raises(ConfigError, match="incomplete"):
         from_dict({**BASE, "stages": [{"steps": 3}]})
     assert StageConfig(seq_len=8, steps=1).carry_optimizer_state is True
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_shipped_configs_load_and_their_dump_reloads_to_the_same_config(path):
+    raw = yaml.safe_load(open(path))
+    cfg = load_config(path)
+    assert from_dict(yaml.safe_load(dump_config(cfg))) == cfg  # a run's config.yaml resumes the same run
+    assert [s.seq_len for s in cfg.stages] == [s["seq_len"] for s in raw["stages"]]
+    assert cfg.optim.lr == float(raw["optim"]["lr"]) and isinstance(cfg.optim.lr, float)
+    assert len(cfg.data.sources) == len(raw["data"]["sources"])
+    assert model_config(cfg) == model.preset(raw["model"]["preset"]).replace(
+        **{k: v for k, v in raw["model"].items() if k != "preset"}
+    )
+
+
+def test_overrides_reach_list_items_and_type_errors_name_the_dotted_path():
+    cfg = from_dict(
+        {**BASE, "model": "tiny"},  # the shorthand for {preset: tiny}
+        ["eval.passkey_lengths=256,512", "stages.1.theta_rule=none", "stages.1.theta=5e5", "lora.targets=q,v"],
+    )
+    assert cfg.model == {"preset": "tiny"} and model_config(cfg) == model.preset("tiny")
+    assert cfg.eval.passkey_lengths == (256, 512) and cfg.lora.targets == ("q", "v")
+    assert cfg.stages[1].theta_rule is None and cfg.stages[1].theta == 5e5
+    kept = from_dict(BASE, ["model.rope.theta=2e3"])
+    assert model_config(kept).rope == dataclasses.replace(model.preset("tiny").rope, theta=2000.0)
+    for override, phrase in [
+        ("stages.1.batch_size=abc", "stages.1.batch_size must be an int, got 'abc'"),
+        ("data.sources.0.weight=high", "data.sources.0.weight must be a float, got 'high'"),
+        ("stages.0.pose={chunks: 2}", "stages.0.pose is incomplete (missing stages.0.pose.target_length)"),
+        ("stages.1.optim={lr: x}", "stages.1.optim.lr must be a float, got 'x'"),
+        ("model.rope.bogus=1", "unknown config field model.rope.bogus"),
+        ("model.num_layers=two", "model.num_layers must be an int, got 'two'"),
+        ("stages.0.mesh=5", "stages.0.mesh must be a mapping of MeshConfig fields, got 5"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            validate(from_dict(BASE, [override]), num_devices=8)
+        assert phrase in str(info.value) and "\n" not in str(info.value), (override, str(info.value))
+
+
+def _source_docstrings(cls) -> dict[str, str]:
+    """Field → the string literal under it, read from the source (independently of pydantic)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in zip(body, body[1:], strict=False)
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+    }
+
+
+def test_help_is_generated_from_the_field_docstrings():
+    lines = {line.split(" ")[0].rstrip(":"): line for line in config_help().splitlines()}
+    for cls, prefix in [
+        (OptimConfig, "optim."),
+        (MeshConfig, "mesh."),
+        (SourceConfig, "data.sources.N."),
+        (LlamaConfig, "model."),
+        (RopeConfig, "model.rope."),
+        (StageConfig, "stages.N."),
+    ]:
+        docs = _source_docstrings(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}, cls  # every field documented once
+        for name, text in docs.items():
+            assert lines[prefix + name].endswith(": " + text), (prefix + name, lines[prefix + name])
+    assert lines["optim.warmup_steps"].startswith("optim.warmup_steps (int, default 0): ")
+    assert lines["stages.N.seq_len"].startswith("stages.N.seq_len (int, required): ")

@@ -17,13 +17,23 @@ import os
 import sys
 from collections.abc import Sequence
 
+from attention.layout import LayoutError
+from convert.names import ConversionError
+from model.config import ConfigError
+from sharding.distributed import DistributedError, initialize_distributed
+from sharding.mesh import MeshError
+from text.tokenizer import TokenizerError
+from train.checkpoint import CheckpointError
+from train.config import config_help, load_config
+from train.curriculum import run
+from train.data_config import DataError
+from train.guards import NonFiniteError
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.config import config_help
-
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Curriculum context-extension training for ringllama (JAX/Flax Llama 3).",
@@ -55,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emulate_cpu_devices(n: int) -> None:
+    # Importing jax starts no backend; the flag is read when the first one starts (after this).
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
 
@@ -63,16 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         _emulate_cpu_devices(args.cpu_devices)
-    from attention.layout import LayoutError
-    from convert.names import ConversionError
-    from model.config import ConfigError
-    from sharding.distributed import DistributedError, initialize_distributed
-    from sharding.mesh import MeshError
-    from text.tokenizer import TokenizerError
-    from train.checkpoint import CheckpointError
-    from train.data_config import DataError
-    from train.guards import NonFiniteError
-
     bad_input = (
         ConfigError, DataError, MeshError, LayoutError, TokenizerError, ConversionError, CheckpointError,
         DistributedError,
@@ -80,9 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Multi-host start-up comes before anything asks JAX for devices.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        from train.config import load_config
-        from train.curriculum import run
-
         overrides = list(args.overrides)
         if args.no_progress:
             overrides.append("progress=false")

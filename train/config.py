@@ -1,170 +1,63 @@
-"""`TrainConfig`: the whole run in one frozen dataclass, loaded from YAML plus ``--set`` overrides.
+"""Run configs: YAML plus ``--set`` overrides → `TrainConfig`, resolved per stage into `StagePlan` records.
 
     cfg = load_config("configs/demo.yaml", ["stages.1.steps=10", "optim.lr=1e-3"])
     plans = validate(cfg, num_devices=jax.device_count())   # every check that needs no compile
 
-A config names the model (a preset, a Hugging Face directory, or inline `LlamaConfig` fields),
-the data mix (`train.data.DataConfig`), the optimizer (`train.optim.OptimConfig`), the mesh
-(`sharding.MeshConfig`) and the curriculum: a list of `StageConfig`, each with its sequence
-length, θ (given, or from a rule of `model.theta_for_length`), steps, batch, learning rate,
-data mix and mesh. `validate` resolves every stage — θ, max positions, mesh, layout — and
-checks divisibility and files, so a bad config fails before anything is compiled.
+The sections are the dataclasses of `train.config_types`; reading, type checks and the help text
+go through the one config library (`model.schema`, pydantic). A config names the model (a preset,
+a Hugging Face directory, or inline `LlamaConfig` fields), the data mix, the optimizer, the mesh
+and the curriculum: a list of `StageConfig`, each with its sequence length, θ (given, or from a
+rule of `model.theta_for_length`), steps, batch, learning rate, data mix and mesh. `validate`
+resolves every stage — θ, max positions, mesh, layout — and checks divisibility and files, so a
+bad config fails before anything is compiled.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from attention.layout import LayoutError, check_layout
+from model import schema
 from model.config import ConfigError, LlamaConfig
-from model.lora import LoraConfig
 from model.presets import PRESETS, preset
 from model.rope import theta_for_length
 from sharding.mesh import MeshConfig, MeshError
+from train.config_types import (
+    LAYOUTS,
+    MODEL_SOURCES,
+    THETA_RULES,
+    CheckpointConfig,
+    EvalConfig,
+    ExportConfig,
+    StageConfig,
+    TrainConfig,
+)
 from train.data_config import PASSKEY_TEMPLATES, DataConfig
 from train.optim import OptimConfig
-from train.pose import PoseConfig, check_pose
-from train.typed import apply_override, build, coerce, doc, to_dict
+from train.pose import check_pose
 
-LAYOUTS = ("auto", "contiguous", "zigzag", "striped")
-THETA_RULES = ("critical", "ntk")
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """One curriculum stage."""
-
-    seq_len: int = doc("tokens per training sequence in this stage")
-    steps: int = doc("optimizer steps in this stage")
-    batch_size: int = doc("global batch (sequences per optimizer step, all processes together)", 8)
-    name: str = doc("label in logs and reports (default stage1, stage2, …)", "")
-    theta: float | None = doc(
-        "RoPE θ for this stage (exclusive with theta_rule; both unset: keep the previous θ)", None
-    )
-    theta_rule: str | None = doc(
-        "derive θ from the previous stage's (θ, length) with model.theta_for_length: 'critical' or 'ntk'", None
-    )
-    max_position_embeddings: int | None = doc(
-        "max positions written into the model config (default: max(seq_len, the previous value))", None
-    )
-    lr: float | None = doc("peak learning rate for this stage (overrides optim.lr)", None)
-    optim: dict = doc("other OptimConfig fields overridden in this stage, e.g. {warmup_steps: 10}", factory=dict)
-    data: dict = doc("DataConfig fields overridden in this stage, e.g. a different sources mix", factory=dict)
-    mesh: MeshConfig | None = doc("mesh for this stage (default: the top-level mesh)", None)
-    carry_optimizer_state: bool = doc("keep Adam's moments from the previous stage (else start them at zero)", True)
-    from_stage: str | None = doc(
-        "start from the end of this earlier stage (by name) instead of the previous one: branches for "
-        "ablations, e.g. two stage-2 variants from one stage 1 (YAML key `from` or `from_stage`)",
-        None,
-    )
-    pose: PoseConfig | None = doc(
-        "PoSE: train at seq_len with position ids spanning target_length, e.g. {target_length: 4096, chunks: 2}; "
-        "θ rules and max positions then use target_length",
-        None,
-    )
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """Orbax checkpoints under ``<run_dir>/checkpoints``."""
-
-    every: int = doc("save every N global steps (0: only at the end of each stage)", 0)
-    keep: int = doc("how many checkpoints to keep", 3)
-    async_save: bool = doc("save in the background while training continues", True)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What runs at the end of every stage."""
-
-    heldout_batches: int = doc("held-out batches for perplexity at the stage's length and the next one", 2)
-    heldout_batch_size: int | None = doc("sequences per held-out batch (default: the stage's batch_size)", None)
-    passkey_lengths: tuple[int, ...] = doc("passkey context lengths to score after each stage (empty: skip)", ())
-    passkey_samples: int = doc("passkey prompts per length (spread over passkey_depths)", 16)
-    passkey_depths: tuple[float, ...] = doc("needle depths (fractions of the haystack) for the passkey grid", (0.5,))
-    passkey_filler: str = doc("passkey haystack: 'classic', 'prose' or a text file", "classic")
-    passkey_template: str = doc("passkey prompt: 'classic' or 'short' (no instruction head)", "classic")
-    passkey_batch: int = doc("passkey prompts per forward pass", 8)
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Hugging Face export of the final model."""
-
-    hf: bool = doc("write <run_dir>/hf (safetensors + config.json) at the end", False)
-    check_transformers: bool = doc("load the export with transformers and compare logits with ringllama", False)
-    greedy_passkey: int = doc(
-        "this many fresh passkey prompts at the last stage's length, decoded greedily by transformers (0: skip)", 0
-    )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run: model, data, optimizer, mesh and the curriculum stages."""
-
-    model: dict = doc(
-        "the model: {preset: NAME} or {hf_config: DIR} plus any LlamaConfig field as an override "
-        f"(presets: {', '.join(PRESETS)})",
-        factory=lambda: {"preset": "tiny"},
-    )
-    data: DataConfig = doc("the data mix (DataConfig)", factory=DataConfig)
-    optim: OptimConfig = doc("AdamW and the learning-rate schedule (OptimConfig)", factory=OptimConfig)
-    mesh: MeshConfig = doc("device mesh axes; -1 takes the remaining devices", factory=MeshConfig)
-    stages: tuple[StageConfig, ...] = doc("the curriculum, run in order", ())
-    checkpoint: CheckpointConfig = doc("checkpointing", factory=CheckpointConfig)
-    eval: EvalConfig = doc("end-of-stage evaluation", factory=EvalConfig)
-    export: ExportConfig = doc("export of the final model", factory=ExportConfig)
-    lora: LoraConfig | None = doc(
-        "LoRA adapters on a frozen base instead of full fine-tuning, e.g. {rank: 8, alpha: 16, targets: [q, k, v, o], "
-        "train_embeddings: true, train_norms: true} (LongLoRA's recipe; null: train every parameter)",
-        None,
-    )
-    seed: int = doc("seed for init, data order and RNG", 0)
-    run_dir: str = doc("where checkpoints, metrics.jsonl, plots and reports go", "runs/default")
-    loss_chunk: int = doc("positions per chunk of the chunked cross-entropy", 1024)
-    layout: str = doc(
-        "token layout over the sequence axis: auto (zigzag when sequence > 1), contiguous, zigzag, striped", "auto"
-    )
-    device_memory_gb: float | None = doc(
-        "per-device memory for the planner check (default: what the device reports)", None
-    )
-    allow_oversize: bool = doc("start even when the memory planner says the run does not fit", False)
-    peak_tflops: float | None = doc("per-device peak TFLOP/s for MFU (default: from the device table)", None)
-    tensorboard: bool = doc("also write TensorBoard scalars (needs tensorboardX)", True)
-    progress: bool = doc("show a progress bar", True)
-
-
-# Docs for the LlamaConfig fields accepted under `model:` (LlamaConfig itself lives in model/).
-MODEL_FIELD_HELP = {
-    "preset": "start from this preset",
-    "hf_config": "start from this Hugging Face config (a directory or config.json)",
-    "vocab_size": "vocabulary size",
-    "hidden_size": "model width d",
-    "intermediate_size": "MLP width f",
-    "num_layers": "decoder layers",
-    "num_heads": "query heads",
-    "num_kv_heads": "key/value heads (GQA)",
-    "head_dim": "per-head width",
-    "rms_norm_eps": "RMSNorm epsilon",
-    "max_position_embeddings": "context length the model is configured for (stages update it)",
-    "tie_word_embeddings": "share the embedding and output head",
-    "rope": "RoPE settings, e.g. {theta: 10000}",
-    "bos_token_id": "BOS id",
-    "eos_token_id": "EOS id(s)",
-    "dtype": "compute dtype (float32 | bfloat16)",
-    "param_dtype": "parameter (master) dtype",
-    "scan_layers": "stack layers under lax.scan (flat compile time)",
-    "remat_policy": "rematerialisation: none | full | dots | dots_with_no_batch_dims",
-    "attention_impl": "auto | reference | xla | blockwise | ring",
-    "attention_chunk": "KV chunk of blockwise/ring attention",
-    "attention_kernel": "local kernel of blockwise/ring: auto (pallas on GPU, jnp elsewhere) | jnp | pallas",
-}
+__all__ = [
+    "CheckpointConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "StageConfig",
+    "StagePlan",
+    "TrainConfig",
+    "apply_override",
+    "config_help",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "model_config",
+    "read_yaml",
+    "start_plan",
+    "validate",
+]
 
 
 @dataclass(frozen=True)
@@ -199,7 +92,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A `TrainConfig` from a raw dict with ``key.sub=value`` overrides applied first."""
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy we may edit
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy we may edit (mappings in sorted key order)
     if isinstance(raw.get("model"), str):
         raw["model"] = _model_shorthand(raw["model"])
     for item in overrides:
@@ -211,7 +104,7 @@ def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) 
             if "from_stage" in stage:
                 raise ConfigError(f"stages.{i} sets both from and from_stage: keep one of them.")
             stage["from_stage"] = stage.pop("from")
-    cfg = build(TrainConfig, raw, "")
+    cfg = schema.build(TrainConfig, raw)
     model_config(cfg)  # check the model section now
     return cfg
 
@@ -222,8 +115,41 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    """The config as YAML (what a run writes to ``<run_dir>/config.yaml``)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML (what a run writes to ``<run_dir>/config.yaml``; `from_dict` reads it back)."""
+    return yaml.safe_dump(schema.to_dict(cfg), sort_keys=False)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.0.c=value`` to the raw config dict in place (list items by index).
+
+    The value is YAML (``[256, 512]``, ``null`` or ``none``, ``{a: 1}``; anything else stays text), and
+    the edited dict then goes through the same checks as the file it overrides.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r} is not key=value: write e.g. --set optim.lr=1e-3.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and value.strip().lower() == "none":  # Python's spelling of YAML's null
+        value = None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        path, last = ".".join(parts[: depth + 1]), depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {path} indexes a list of {len(node)} items; use 0..{len(node) - 1}.")
+            part = int(part)
+        elif not last and node.get(part) is None:
+            node[part] = {}
+        if last:
+            node[part] = value
+        elif not isinstance(node[part], (dict, list)):
+            raise ConfigError(f"--set {key}: {path} is {node[part]!r}, not a mapping, so it has no sub-fields.")
+        else:
+            node = node[part]
 
 
 def _model_shorthand(text: str) -> dict[str, Any]:
@@ -231,36 +157,16 @@ def _model_shorthand(text: str) -> dict[str, Any]:
 
 
 def model_config(cfg: TrainConfig) -> LlamaConfig:
-    """The initial `LlamaConfig` described by the ``model`` section."""
+    """The initial `LlamaConfig` described by the ``model`` section: its preset or HF config plus overrides."""
     spec = dict(cfg.model)
     name, hf = spec.pop("preset", None), spec.pop("hf_config", None)
     if name is not None and hf is not None:
         raise ConfigError("model.preset and model.hf_config are exclusive: keep one of them.")
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config field {', '.join('model.' + k for k in unknown)}: use preset, hf_config "
-            f"or LlamaConfig fields ({', '.join(sorted(known))})."
-        )
-    if hf is not None:
-        base = LlamaConfig.from_hf(hf)
-    else:
-        base = preset(name or "tiny")
-    hints = typing.get_type_hints(LlamaConfig)
-    changes = {}
-    for key, value in spec.items():
-        if key == "rope" and isinstance(value, dict):
-            rope_hints = typing.get_type_hints(type(base.rope))
-            bad = sorted(set(value) - set(rope_hints))
-            if bad:
-                raise ConfigError(
-                    f"unknown config field {', '.join('model.rope.' + k for k in bad)}: fix the spelling."
-                )
-            changes["rope"] = {k: coerce(v, rope_hints[k], f"model.rope.{k}") for k, v in value.items()}
-        else:
-            changes[key] = coerce(value, hints[key], f"model.{key}")
-    return base.replace(**changes)
+    base = LlamaConfig.from_hf(hf) if hf is not None else preset(name or "tiny")
+    raw = base.to_dict()
+    if isinstance(spec.get("rope"), dict):  # rope fields override one by one, like LlamaConfig.replace
+        raw["rope"] = {**raw["rope"], **spec.pop("rope")}
+    return schema.build(LlamaConfig, {**raw, **spec}, "model")
 
 
 # -------------------------------------------------------------------------------- validation
@@ -323,8 +229,6 @@ def validate(
         raise ConfigError(
             f"eval.passkey_template is {cfg.eval.passkey_template!r}: use one of {', '.join(PASSKEY_TEMPLATES)}."
         )
-    from attention.layout import LayoutError, check_layout
-
     model = base_model or model_config(cfg)
     prev_theta, prev_len = model.rope.theta, model.max_position_embeddings
     plans = []
@@ -367,13 +271,15 @@ def validate(
         optim_changes = dict(stage.optim)
         if stage.lr is not None:
             optim_changes["lr"] = stage.lr
-        optim = build(OptimConfig, {**to_dict(cfg.optim), **optim_changes}, f"{where}.optim")
+        optim = schema.build(OptimConfig, {**schema.to_dict(cfg.optim), **optim_changes}, f"{where}.optim")
         if stage.batch_size % optim.grad_accum_steps:
             raise ConfigError(
                 f"{where}.batch_size {stage.batch_size} is not divisible by optim.grad_accum_steps "
                 f"{optim.grad_accum_steps}: make the batch a multiple of it."
             )
-        data = build(DataConfig, {**to_dict(cfg.data), **stage.data}, f"{where}.data") if stage.data else cfg.data
+        data = cfg.data
+        if stage.data:
+            data = schema.build(DataConfig, {**schema.to_dict(cfg.data), **stage.data}, f"{where}.data")
         name = stage.name or f"stage{i + 1}"
         if any(p.name == name for p in plans):
             raise ConfigError(f"{where}.name {name!r} is used by an earlier stage: give every stage its own name.")
@@ -399,43 +305,13 @@ def start_plan(plans: list[StagePlan], plan: StagePlan) -> StagePlan | None:
 
 
 # ------------------------------------------------------------------------------------- help
-OPTIM_FIELD_HELP = {
-    "lr": "peak learning rate",
-    "schedule": "cosine | linear | constant (after warmup)",
-    "warmup_steps": "linear warmup steps at the start of every stage",
-    "min_lr_ratio": "final learning rate as a fraction of lr",
-    "weight_decay": "decoupled weight decay on matmul kernels (not norms or embeddings)",
-    "b1": "Adam β1",
-    "b2": "Adam β2",
-    "eps": "Adam ε",
-    "clip_norm": "global gradient-norm clipping (0: off)",
-    "grad_accum_steps": "micro-batches per optimizer step",
-}
-MESH_FIELD_HELP = {
-    "data": "data-parallel replicas",
-    "fsdp": "fully-sharded data parallel (params and optimizer state sharded)",
-    "tensor": "tensor parallel (heads, MLP)",
-    "sequence": "sequence parallel: the ring of ring attention",
-}
-
-
 def config_help() -> str:
-    """Every config field, one line each (``--help`` shows this)."""
-    from train.typed import field_help
-
-    extra = {OptimConfig: OPTIM_FIELD_HELP, MeshConfig: MESH_FIELD_HELP}
+    """Every config field, one line each (``--help`` shows this), generated from the field docstrings."""
     lines = []
-    for line in field_help(TrainConfig, "", extra):
+    for line in schema.help_lines(TrainConfig):
         lines.append(line)
         if line.startswith("model ("):
-            hints = typing.get_type_hints(LlamaConfig)
-            for name, text in MODEL_FIELD_HELP.items():
-                kind = "str" if name in ("preset", "hf_config") else _type_label(hints.get(name))
-                lines.append(f"model.{name} ({kind}): {text}")
+            lines.append(f"model.preset (str): {MODEL_SOURCES['preset']}: one of {', '.join(PRESETS)}")
+            lines.append(f"model.hf_config (str): {MODEL_SOURCES['hf_config']}")
+            lines.extend(schema.help_lines(LlamaConfig, "model."))
     return "\n".join(lines)
-
-
-def _type_label(tp: Any) -> str:
-    from train.typed import type_name
-
-    return "mapping" if dataclasses.is_dataclass(tp) else type_name(tp)

@@ -1,17 +1,18 @@
 """Data configuration: which sources to mix, how to tokenize, how to pack — validated up front.
 
-`DataConfig.from_dict` is what YAML configs go through: an unknown field, a bad value or a
-data file that does not exist fails here, before anything is loaded or compiled, with one
-sentence naming the field (``data.sources[1].path``) and the fix.
+`DataConfig.from_dict` (the one config library, `model.schema`) is what YAML configs go through:
+an unknown field, a bad value or a data file that does not exist fails here, before anything is
+loaded or compiled, with one sentence naming the field (``data.sources[1].path``) and the fix.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 from dataclasses import dataclass
 
+from model import schema
+from model.schema import Items
 from text.synthetic import PASSKEY_TEMPLATES
 from train.packing import PACKING_MODES
 
@@ -31,49 +32,46 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One source in the mixture.
-
-    Attributes:
-        kind: ``"files"`` (local json/jsonl/parquet/txt), ``"hub"`` (a Hugging Face dataset name,
-            needs network) or ``"synthetic"`` (generated retrieval / prose documents).
-        path: files: a file, a glob (``data/*.jsonl``) or a directory; hub: the dataset name.
-        name: hub dataset configuration (subset), if any.
-        text_field: the column holding each document's text (json/jsonl/parquet; txt files use ``text``).
-        split: hub split (and the split name passed to ``datasets`` for files).
-        weight: share of *tokens* drawn from this source (weights are normalised over sources).
-        streaming: read lazily with ``datasets`` streaming (for corpora too large to load);
-            documents come in file order, pass after pass.
-        text_sample_by: txt files: one document per ``"document"`` (file), ``"paragraph"`` or ``"line"``.
-        task: synthetic: ``"passkey"``, ``"niah"``, ``"multi_needle"`` or ``"prose"`` (plain haystack text).
-        haystack: synthetic: the haystack for `text.load_haystack` (``"prose"``, ``"classic"``, a
-            text file); None = the task's default (passkey: classic filler, others: prose).
-        min_length, max_length: synthetic: document length in tokens, drawn uniformly; None =
-            ``seq_len // 4`` and ``seq_len`` (raised to the task's minimum when that is larger).
-        needles: synthetic multi_needle: needles per document.
-        template: synthetic passkey: ``"classic"`` or ``"short"`` (no instruction head;
-            `text.synthetic.PASSKEY_TEMPLATES`).
-        answer_weight: synthetic: loss weight of the answer tokens (the retrieval signal).
-        context_weight: synthetic: loss weight of every other token (haystack language modelling).
-    """
+    """One source in the mixture."""
 
     kind: str = "synthetic"
+    """files (local json/jsonl/parquet/txt), hub (a Hugging Face dataset name, needs network) or synthetic
+    (generated retrieval / prose documents)"""
     path: str = ""
+    """files: a file, a glob (data/*.jsonl) or a directory; hub: the dataset name"""
     name: str | None = None
+    """hub dataset configuration (subset), if any"""
     text_field: str = "text"
+    """the column holding each document's text (json/jsonl/parquet; txt files use text)"""
     split: str = "train"
+    """hub split (and the split name passed to datasets for files)"""
     weight: float = 1.0
+    """share of tokens drawn from this source (weights are normalised over sources)"""
     streaming: bool = False
+    """read lazily with datasets streaming (for corpora too large to load); documents come in file order,
+    pass after pass"""
     text_sample_by: str = "document"
+    """txt files: one document per document (file), paragraph or line"""
     task: str = "passkey"
+    """synthetic: passkey, niah, multi_needle or prose (plain haystack text)"""
     haystack: str | None = None
+    """synthetic: the haystack for text.load_haystack (prose, classic, a text file); null = the task's
+    default (passkey: classic filler, others: prose)"""
     min_length: int | None = None
+    """synthetic: shortest document in tokens, drawn uniformly; null = seq_len // 4 (raised to the task's
+    minimum when that is larger)"""
     max_length: int | None = None
+    """synthetic: longest document in tokens; null = seq_len"""
     needles: int = 4
+    """synthetic multi_needle: needles per document"""
     template: str = "classic"
+    """synthetic passkey: classic or short (no instruction head; text.synthetic.PASSKEY_TEMPLATES)"""
     # A tiny model sees ~6 answer tokens per 1K-token passkey document; weighting them 10x
     # makes retrieval ~5% of the loss instead of ~0.5%, while the haystack still teaches copying.
     answer_weight: float = 10.0
+    """synthetic: loss weight of the answer tokens (the retrieval signal)"""
     context_weight: float = 1.0
+    """synthetic: loss weight of every other token (haystack language modelling)"""
 
     def validate(self, where: str) -> None:
         """Raise `DataError` naming ``where`` (e.g. ``data.sources[0]``) for any bad value."""
@@ -110,43 +108,34 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The data pipeline: a weighted mixture of sources, a tokenizer, packing rules.
+    """The data pipeline: a weighted mixture of sources, a tokenizer, packing rules."""
 
-    Attributes:
-        sources: the mixture (at least one source).
-        tokenizer: spec for `text.tokenizer.load_tokenizer`: ``"byte"``, a directory with
-            ``tokenizer.json`` (e.g. the checkpoint's own), a ``tokenizer.json`` or a tiktoken
-            ``tokenizer.model`` path.
-        add_bos, add_eos: wrap every document in BOS … EOS.
-        packing: ``"fit"`` (a document that fits in a row is never cut) or ``"split"`` (no padding);
-            see `train.packing`.
-        upsample_long: α ≥ 0; with α > 0 documents of random-access file sources are drawn with
-            probability ∝ (characters)^α, with replacement, instead of one shuffled pass per
-            epoch (α = 1: every *character* equally likely to be drawn, so long documents come
-            up in proportion to their length). 0 = off. Not available for streaming sources.
-        heldout_fraction: share of each file/hub source's documents kept out of training and
-            used by `heldout_batches` (at least one document when a source has two or more).
-            Synthetic sources draw held-out documents from a disjoint seed stream instead.
-        cache_dir: ``datasets`` cache directory (None: its default).
-    """
-
-    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    sources: Items[SourceConfig] = (SourceConfig(),)
+    """the mixture (at least one source)"""
     tokenizer: str = "byte"
+    """spec for text.tokenizer.load_tokenizer: byte, a directory with tokenizer.json (e.g. the checkpoint's
+    own), a tokenizer.json or a tiktoken tokenizer.model path"""
     add_bos: bool = True
+    """start every document with BOS"""
     add_eos: bool = True
+    """end every document with EOS"""
     packing: str = "fit"
+    """fit (a document that fits in a row is never cut) or split (no padding); see train.packing"""
     upsample_long: float = 0.0
+    """α ≥ 0; with α > 0 documents of random-access file sources are drawn with probability ∝
+    (characters)^α, with replacement, instead of one shuffled pass per epoch (α = 1: every character
+    equally likely to be drawn, so long documents come up in proportion to their length). 0 = off. Not
+    available for streaming sources."""
     heldout_fraction: float = 0.01
+    """share of each file/hub source's documents kept out of training and used by heldout_batches (at
+    least one document when a source has two or more); synthetic sources draw held-out documents from a
+    disjoint seed stream instead"""
     cache_dir: str | None = None
+    """datasets cache directory (null: its default)"""
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
-        try:
-            self.validate()
-        except TypeError as exc:  # e.g. weight: "high" compared with a number
-            raise DataError(
-                f"a data field has the wrong type ({exc}): numbers must be numbers and flags true/false."
-            ) from None
+        self.validate()
 
     def validate(self, where: str = "data") -> None:
         if not self.sources:
@@ -168,41 +157,13 @@ class DataConfig:
             raise DataError(f"{where}.heldout_fraction is {self.heldout_fraction}: use a fraction in [0, 1).")
 
     @classmethod
-    def from_dict(cls, d: dict | None, where: str = "data") -> DataConfig:
+    def from_dict(cls, d: dict | None) -> DataConfig:
         """Build from a plain mapping (YAML); unknown fields and bad values raise `DataError`."""
-        d = dict(d or {})
-        _check_keys(d, cls, where)
-        sources = d.pop("sources", None)
-        if sources is not None:
-            if isinstance(sources, dict):
-                sources = [sources]
-            built = []
-            for i, s in enumerate(sources):
-                if isinstance(s, SourceConfig):
-                    built.append(s)
-                    continue
-                if not isinstance(s, dict):
-                    raise DataError(f"{where}.sources[{i}] is {s!r}: give a mapping such as {{kind: synthetic}}.")
-                _check_keys(s, SourceConfig, f"{where}.sources[{i}]")
-                built.append(SourceConfig(**s))
-            d["sources"] = tuple(built)
-        try:
-            return cls(**d)
-        except DataError as exc:
-            if where == "data":
-                raise
-            raise DataError(str(exc).replace("data.", f"{where}.", 1)) from exc
+        return schema.build(cls, dict(d or {}), "data", label="", error=DataError, brackets=True)
 
     def to_dict(self) -> dict:
         """A plain, JSON/YAML-serialisable mapping (`from_dict` round-trips it)."""
-        return dataclasses.asdict(self) | {"sources": [dataclasses.asdict(s) for s in self.sources]}
-
-
-def _check_keys(d: dict, cls, where: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in known:
-            raise DataError(f"unknown field {where}.{key}: known fields are {', '.join(known)}.")
+        return schema.to_dict(self)
 
 
 def resolve_files(path: str, where: str = "data.sources[0]") -> tuple[str, list[str]]:
@@ -243,8 +204,3 @@ def resolve_files(path: str, where: str = "data.sources[0]") -> tuple[str, list[
             f"{where}.path {path} mixes formats ({', '.join(sorted(builders))}): make one source per format."
         )
     return builders.pop(), files
-
-
-def replace(cfg: DataConfig, **changes) -> DataConfig:
-    """`dataclasses.replace` that re-validates (e.g. a stage's data override)."""
-    return dataclasses.replace(cfg, **changes)

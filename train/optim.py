@@ -24,15 +24,14 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from model import schema
 from model.config import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -43,15 +42,25 @@ class OptimConfig:
     """AdamW and schedule settings; ``grad_accum_steps`` micro-batches make one optimizer update."""
 
     lr: float = 3e-4
+    """peak learning rate"""
     schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)"""
     warmup_steps: int = 0
+    """linear warmup steps at the start of every stage"""
     min_lr_ratio: float = 0.1
+    """final learning rate as a fraction of lr"""
     weight_decay: float = 0.1
+    """decoupled weight decay on matmul kernels (not norms or embeddings)"""
     b1: float = 0.9
+    """Adam β1"""
     b2: float = 0.95
+    """Adam β2"""
     eps: float = 1e-8
+    """Adam ε"""
     clip_norm: float = 1.0
+    """global gradient-norm clipping (0: off)"""
     grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -76,40 +85,29 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name} must be {want}, got {getattr(self, name)!r}.")
 
     def replace(self, **changes: Any) -> OptimConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A copy with ``changes``, checked like a config file's values (``replace(lr="1e-3")`` works)."""
+        return schema.build(OptimConfig, {**schema.to_dict(self), **changes}, label="optim")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
-        """Build from a dict; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown optim field(s) {', '.join(unknown)}: use {', '.join(sorted(known))}.")
-        return cls(**data)
+        """Build from a plain mapping; unknown keys and ill-typed values are a `ConfigError` naming them."""
+        return schema.build(cls, data, label="optim")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the optimizer step (0-based)."""
+    """Learning rate as a function of the optimizer step (0-based) within a stage of ``total_steps``."""
     warmup = int(cfg.warmup_steps)
     decay_steps = max(int(total_steps) - warmup, 1)
-    floor = cfg.lr * cfg.min_lr_ratio
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = cfg.lr * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
-        frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        if cfg.schedule == "cosine":
-            decayed = floor + (cfg.lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        elif cfg.schedule == "linear":
-            decayed = cfg.lr + (floor - cfg.lr) * frac
-        else:
-            decayed = jnp.full_like(frac, cfg.lr)
-        return jnp.where(step < warmup, warm, decayed)
-
-    return schedule
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    # Evaluated at step + 1: the first update already moves (optax's ramp starts at exactly 0). Joined
+    # even without warmup, so the constant schedule too returns an fp32 array shaped like the step.
+    ramp = optax.linear_schedule(0.0, cfg.lr, max(warmup, 1))
+    return optax.join_schedules([lambda step: ramp(step + 1), decay], [warmup])
 
 
 def decay_mask(params: Any) -> Any:
@@ -141,5 +139,4 @@ def apply_updates(
 ) -> tuple[Any, Any]:
     """One AdamW update: ``params - lr · direction`` (cast back to each param's dtype), new opt state."""
     direction, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, direction)
-    return params, opt_state
+    return optax.apply_updates(params, optax.tree.scale(-lr, direction)), opt_state

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.config import ConfigError
-from train.typed import doc
 
 # Separates the PoSE draws from every other stream derived from the same seed.
 POSE_STREAM = 0x9053
@@ -47,8 +46,10 @@ POSE_STREAM = 0x9053
 class PoseConfig:
     """A stage's PoSE option: positions spanning ``target_length`` on a ``seq_len`` window."""
 
-    target_length: int = doc("the length T the position ids span, [0, T) (≥ the stage's seq_len)")
-    chunks: int = doc("chunks per row; chunk i > 0 is shifted by a random skip (1: no skips)", 2)
+    target_length: int
+    """the length T the position ids span, [0, T) (≥ the stage's seq_len)"""
+    chunks: int = 2
+    """chunks per row; chunk i > 0 is shifted by a random skip (1: no skips)"""
 
 
 def check_pose(pose: PoseConfig, seq_len: int, where: str = "pose") -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 
+from model import schema
 from train.config import StagePlan, TrainConfig, start_plan
 from train.stage_eval import heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
 
@@ -48,7 +49,7 @@ class Reporter:
             with open(self.path) as fh:
                 self.data = json.load(fh)
         self.data.setdefault("stages", {})
-        self.data["config"] = _cfg_dict(cfg)
+        self.data["config"] = schema.to_dict(cfg)
 
     def has_stage(self, name: str) -> bool:
         return name in self.data["stages"]
@@ -341,9 +342,3 @@ def plot_extension_figure(run_dir: str, stages: dict, plans: list[StagePlan]) ->
 def _fits(length: int, seq: int, layout: str) -> bool:
     multiple = 2 * seq if layout == "zigzag" else seq
     return length % multiple == 0
-
-
-def _cfg_dict(cfg: TrainConfig) -> dict:
-    from train.typed import to_dict
-
-    return to_dict(cfg)
