@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.loss import chunked_cross_entropy, full_cross_entropy
+from model.loss import chunked_cross_entropy, chunked_token_nll, full_cross_entropy
 
 B, T, D, V = 2, 13, 8, 17
 
@@ -104,10 +104,31 @@ def test_bf16_hidden_gives_fp32_loss_close_to_fp32():
     np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
 
 
+@pytest.mark.parametrize("t, chunk", [(12, 4), (13, 4), (13, 5), (13, 64)])
+def test_token_nll_matches_float64_reference_per_position(t, chunk):
+    hidden, head, targets, _ = _inputs(t=t)
+    logits = hidden.astype(np.float64) @ head.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    expected = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]  # [b, t], position order
+    got = jax.jit(lambda h, w: chunked_token_nll(h, w, targets, chunk))(hidden, head)
+    assert got.shape == (B, t) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_nll_sums_to_the_training_loss():
+    hidden, head, targets, mask = _inputs(4)
+    nll = chunked_token_nll(hidden, head, targets, 4)
+    loss, _ = chunked_cross_entropy(hidden, head, targets, mask, 4)
+    np.testing.assert_allclose(float(jnp.sum(nll * mask)), float(loss), rtol=1e-6)
+
+
 def test_bad_chunk_is_rejected():
     hidden, head, targets, mask = _inputs()
     with pytest.raises(ValueError, match="loss chunk"):
         chunked_cross_entropy(hidden, head, targets, mask, 0)
+    with pytest.raises(ValueError, match="loss chunk"):
+        chunked_token_nll(hidden, head, targets, 0)
 
 
 def test_bf16_head_gradient_summed_over_chunks_in_fp32():
