@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 import model
+from convert.atomic import atomic_file
 from evals.cli import parse_lengths
 from evals.generation import cache_sharding
 from model.generate import cache_len, decode, prefill, stop_ids
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
                 flush=True,
             )
     if args.json:
-        with open(args.json, "w") as fh:
+        with atomic_file(args.json) as fh:
             json.dump(rows, fh, indent=1)
 
 

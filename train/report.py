@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 
+from convert.atomic import atomic_file
 from train.config import StagePlan, TrainConfig, start_plan
 from train.stage_eval import heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
 
@@ -56,10 +57,8 @@ class Reporter:
     def _write(self) -> None:
         if not self.lead:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
+        with atomic_file(self.path) as fh:
             json.dump(self.data, fh, indent=1)
-        os.replace(tmp, self.path)
 
     def end_of_stage(self, state, plan: StagePlan, nxt: StagePlan | None, mesh, global_step: int) -> list[dict]:
         """Evaluate the stage's final params; returns metrics records (kind ``eval``)."""
