@@ -51,7 +51,7 @@ def shard_bytes(text: str | int) -> int:
     try:
         value = parse_size(text, "the shard size")
     except SizeError as exc:
-        raise ConversionError(str(exc)) from exc
+        raise ConversionError(f"cannot read the size {text!r}: write it like 5GB, 500MB, 2GiB or 2G.") from exc
     if value <= 0:
         raise ConversionError(f"the shard size must be positive, got {text!r}.")
     return value
