@@ -28,6 +28,7 @@ from train.config import StagePlan, TrainConfig, start_plan
 from train.export import check_transformers, export_final, hf_greedy_passkey
 from train.metrics import read_metrics
 from train.stage_eval import PASSKEY_RESERVE, heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
+from train.typed import to_dict
 
 
 @dataclass
@@ -333,6 +334,4 @@ def _fits(length: int, seq: int, layout: str) -> bool:
 
 
 def _cfg_dict(cfg: TrainConfig) -> dict:
-    from train.typed import to_dict
-
     return to_dict(cfg)
