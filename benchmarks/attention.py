@@ -61,6 +61,7 @@ from attention.layout import layout_positions  # noqa: E402
 from attention.masks import default_positions, make_mask  # noqa: E402
 from attention.reference import reference_attention  # noqa: E402
 from attention.ring import sharded_attention  # noqa: E402
+from convert.atomic import atomic_file  # noqa: E402
 from sharding import MeshConfig, axis_rules, make_mesh  # noqa: E402
 
 RING_CASES = {
@@ -342,11 +343,8 @@ def main(argv=None) -> None:
 def _write_json(args, rows: list[dict]) -> None:
     if not args.json:
         return
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(args.json) as f:
         json.dump({"command": "python -m benchmarks.attention " + " ".join(sys.argv[1:]), "rows": rows}, f, indent=1)
-    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def write_synthetic(cfg: LlamaConfig, path: Path, shard_size: str) -> int:
     path.mkdir(parents=True)
     expected = expected_tensors(cfg)
     specs = [st.TensorSpec(n, rule.hf_shape(cfg), "bfloat16") for n, (rule, _) in expected.items()]
-    shards = st.plan_shards(specs, st.parse_size(shard_size))
+    shards = st.plan_shards(specs, st.shard_bytes(shard_size))
     files = st.shard_names(len(shards))
     rng = np.random.default_rng(0)
 

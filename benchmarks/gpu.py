@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 
 import model  # noqa: E402
 from attention import attention, choose_kernel  # noqa: E402
+from convert.atomic import atomic_file  # noqa: E402
 from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
 from sharding.planner import plan_memory  # noqa: E402
 from sharding.rules import axis_rules  # noqa: E402
@@ -257,9 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = time.monotonic() - start
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "gpu_benchmark.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
     print(table(results))
     print(f"wall {results['wall_s']:.0f} s; wrote {path}")
     return 0

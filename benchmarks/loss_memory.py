@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from train.loss import chunked_cross_entropy, full_cross_entropy
+from model.loss import chunked_cross_entropy, full_cross_entropy
 
 
 def temp_bytes(fn, *args) -> tuple[int, float]:

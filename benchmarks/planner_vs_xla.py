@@ -1,6 +1,6 @@
 """The memory planner against XLA's compiled ``memory_analysis()`` of a real training step.
 
-For each shape, one AdamW training step (chunked cross-entropy from `train.loss`, gradients,
+For each shape, one AdamW training step (chunked cross-entropy from `model.loss`, gradients,
 ``optax.adamw`` update) of a small Llama is jitted on the emulated CPU mesh with the rules
 table's shardings and donated state, compiled, and its per-device memory read back:
 
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import optax
 
 import model
+from model.loss import chunked_cross_entropy
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.planner import MemoryPlan, plan_memory
 from sharding.rules import axis_rules, batch_sharding, opt_state_shardings, param_shardings, replicated
-from train.loss import chunked_cross_entropy
 
 
 @dataclass(frozen=True)

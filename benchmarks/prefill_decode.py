@@ -4,11 +4,12 @@
         python -m benchmarks.prefill_decode --preset tiny --lengths 1k,2k,4k,8k,16k --new-tokens 32
 
 Prefill tokens/s = batch × prompt tokens / prefill seconds; decode tokens/s = batch × new
-tokens / decode seconds. Both paths are `evals.generation`: one device prefills through the
-model's cached path (blockwise attention above 1K keys) and decodes with dense attention over
-the cache; the ring path prefills with ring attention into a cache sharded over ``sequence``
-and decodes over the sharded cache. Each timing is the best of ``--repeats`` runs after a
-compile-and-warm-up run; EOS is disabled so every run decodes all N tokens.
+tokens / decode seconds. Both paths are the halves of the one decoder, `model.generate`: one
+device prefills through the model's cached path (blockwise attention above 1K keys) and decodes
+with dense attention over the cache; the ring path prefills with ring attention into a cache
+sharded over ``sequence`` (`evals.generation.cache_sharding`) and decodes over the sharded
+cache. Each timing is the best of ``--repeats`` runs after a compile-and-warm-up run; EOS is
+disabled so every run decodes all N tokens.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import jax
 import numpy as np
 
 import model
+from convert.atomic import atomic_file
 from evals.cli import parse_lengths
-from evals.generation import _round_up, decode, prefill, ring_prefill
+from evals.generation import cache_sharding
+from model.generate import cache_len, decode, prefill, stop_ids
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import batch_sharding, shard_params
+from sharding.rules import shard_params
 
 
 def _best(fn, repeats: int) -> float:
@@ -40,25 +43,31 @@ def _best(fn, repeats: int) -> float:
 def time_path(cfg, params, prompt, new: int, mesh, repeats: int) -> tuple[float, float]:
     """``(prefill seconds, decode seconds)``; ``mesh`` None for one device."""
     b, t = prompt.shape
-    if mesh is None:
-        tokens = jax.numpy.asarray(prompt)
+    tokens = jax.numpy.asarray(prompt)
+    max_len = cache_len(t, new + 1, mesh)
+    shardings = None if mesh is None else cache_sharding(cfg, mesh, b, max_len)
 
-        def run_prefill():
-            return prefill(params, tokens, config=cfg, max_len=t + new + 1)
-    else:
-        n = dict(mesh.shape)["sequence"]
-        padded = np.zeros((b, _round_up(t, n)), np.int32)
-        padded[:, :t] = prompt
-        tokens = jax.device_put(padded, batch_sharding(mesh, padded.shape))
-        max_len = _round_up(t + new + 1, n)
-
-        def run_prefill():
-            return ring_prefill(params, tokens, config=cfg, mesh=mesh, length=t, max_len=max_len)
+    def run_prefill():
+        return prefill(params, tokens, config=cfg, max_len=max_len, mesh=mesh, cache_sharding=shardings)
 
     t_prefill = _best(run_prefill, repeats)
     logits, cache = run_prefill()
+    key, temperature, top_p, eos, pad = jax.random.key(0), 0.0, 1.0, stop_ids(cfg, ()), 0
     t_decode = _best(
-        lambda: decode(params, logits, cache, config=cfg, mesh=mesh, max_new_tokens=new + 1, eos_ids=(), pad_id=0),
+        lambda: decode(
+            params,
+            logits,
+            cache,
+            key,
+            temperature,
+            top_p,
+            eos,
+            pad,
+            config=cfg,
+            max_new_tokens=new + 1,
+            greedy=True,
+            cache_sharding=shardings,
+        ),  # fmt: skip
         repeats,
     )
     return t_prefill, t_decode
@@ -110,7 +119,7 @@ def main(argv=None) -> None:
                 flush=True,
             )
     if args.json:
-        with open(args.json, "w") as fh:
+        with atomic_file(args.json) as fh:
             json.dump(rows, fh, indent=1)
 
 

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from convert.atomic import staged_directory
 from convert.hf import copy_side_files, load_hf
+from convert.meta import is_meta_checkpoint, load_meta
 from convert.names import ConversionError
 from convert.safetensors_io import INDEX_FILE, SINGLE_FILE
 from convert.tree import check_params, flatten, place, relayout, set_path
@@ -212,8 +213,6 @@ def load_model(
     Returns:
       ``(config, params)``.
     """
-    from convert.meta import is_meta_checkpoint, load_meta  # meta imports torch lazily; keep it off this path
-
     p = Path(path)
     if (p / LORA_CONFIG_FILE).is_file():  # its base kernels without the adapters are neither model
         raise ConversionError(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from convert.atomic import check_destination
 from convert.checkpoint import load_checkpoint, save_checkpoint
 from convert.hf import load_hf, save_hf
+from convert.meta import load_meta
 from convert.names import ConversionError
 from convert.peft import is_lora_checkpoint, load_lora_checkpoint, merge_numpy, save_peft
 from model.config import DTYPES, ConfigError
@@ -68,8 +69,6 @@ def meta_to_flax(
     rope_scaling_factor: float | None = None,
 ) -> None:
     """Meta ``consolidated.*.pth`` directory → ringllama checkpoint."""
-    from convert.meta import load_meta  # torch is needed on this path only
-
     check_destination(dst)
     cfg, params = load_meta(
         src,

@@ -195,7 +195,7 @@ def save_hf(
       The safetensors file names written. Tied models write no ``lm_head.weight``.
     """
     check_dtype(dtype)
-    max_bytes = st.parse_size(max_shard_size)
+    max_bytes = st.shard_bytes(max_shard_size)
     check_params(params, config, "the parameters to export")
     dtype = dtype or np.dtype(params["embed_tokens"]["embedding"].dtype).name
     check_dtype(dtype)

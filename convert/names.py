@@ -1,6 +1,9 @@
 """The one Hugging Face ⇄ ringllama name map, with per-tensor transforms that assert shapes.
 
-Both directions read the same `RULES` table. HF ``nn.Linear`` weights are ``[out, in]``;
+Both directions read the same `RULES` table: one declarative rule per module (parameter path →
+HF name, transform). Which tensors exist and their shapes come from the model's own abstract
+parameters (`model.abstract_params`), so the map cannot drift from the model: a parameter
+without a rule, or a rule without a parameter, is an error. HF ``nn.Linear`` weights are ``[out, in]``;
 ringllama kernels are ``[in, out]`` with heads split out (``q_proj`` ``[d, n, h]``,
 ``o_proj`` ``[n, h, d]``), so every projection is a transpose plus a reshape — no
 permutation, because both sides use the half-split RoPE layout.
@@ -8,15 +11,20 @@ permutation, because both sides use the half-split RoPE layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from model.config import LlamaConfig
+from model.params import abstract_params
 
-ShapeFn = Callable[[LlamaConfig], tuple[int, ...]]
+Shape = tuple[int, ...]
+Path_ = tuple[str, ...]
 
 
 class ConversionError(ValueError):
@@ -24,158 +32,113 @@ class ConversionError(ValueError):
 
 
 @dataclass(frozen=True)
-class Rule:
-    """One tensor: HF name template (``{i}`` = layer), ringllama path, shapes and transforms."""
+class Transform:
+    """How one weight changes layout between HF and ringllama, given the ringllama shape ``s``."""
 
-    hf: str
+    hf_shape: Callable[[Shape], Shape]  # ringllama shape -> HF shape
+    to_flax: Callable[[np.ndarray, Shape], np.ndarray]  # (HF array, ringllama shape) -> ringllama array
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Transform(lambda s: s, lambda x, s: x, lambda x: x)
+TRANSPOSE = Transform(lambda s: s[::-1], lambda x, s: x.T, lambda x: x.T)
+# q/k/v: HF [heads·h, d] ⇄ ringllama [d, heads, h] (the output features split into heads).
+SPLIT_OUT = Transform(lambda s: (s[1] * s[2], s[0]), lambda x, s: x.T.reshape(s), lambda x: x.reshape(x.shape[0], -1).T)
+# o: HF [d, n·h] ⇄ ringllama [n, h, d] (the input features split into heads).
+SPLIT_IN = Transform(lambda s: (s[2], s[0] * s[1]), lambda x, s: x.T.reshape(s), lambda x: x.reshape(-1, x.shape[-1]).T)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One module: its parameter path (inside a layer for per-layer ones), HF name (``{i}`` = layer), transform.
+
+    Shapes are not kept here: they come from the model's abstract parameters (`model.abstract_params`).
+    """
+
     path: tuple[str, ...]
-    hf_shape: ShapeFn
-    flax_shape: ShapeFn
-    to_flax: Callable[[np.ndarray, LlamaConfig], np.ndarray]
-    to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    hf: str
+    transform: Transform
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
+    def flax_shape(self, cfg: LlamaConfig) -> Shape:
+        """The ringllama shape of one tensor (one layer's slice when layers are stacked)."""
+        return _shapes(cfg)[1 if self.per_layer else 0][self.path]
 
-def _same(x, cfg):
-    return x
+    def hf_shape(self, cfg: LlamaConfig) -> Shape:
+        return self.transform.hf_shape(self.flax_shape(cfg))
 
+    def to_flax(self, x: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+        return self.transform.to_flax(x, self.flax_shape(cfg))
 
-def _t(x, cfg):
-    return x.T
-
-
-def _linear(heads_attr: str) -> tuple[Callable, Callable]:
-    """HF ``[heads·h, d]`` ⇄ ringllama ``[d, heads, h]``."""
-
-    def to_flax(x, cfg):
-        return x.T.reshape(cfg.hidden_size, getattr(cfg, heads_attr), cfg.head_dim)
-
-    def to_hf(x, cfg):
-        return x.reshape(cfg.hidden_size, -1).T
-
-    return to_flax, to_hf
+    def to_hf(self, x: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+        return self.transform.to_hf(x)
 
 
-def _o_to_flax(x, cfg):
-    return x.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
-
-
-def _o_to_hf(x, cfg):
-    return x.reshape(-1, cfg.hidden_size).T
-
-
-_Q = _linear("num_heads")
-_KV = _linear("num_kv_heads")
 _P = "model.layers.{i}."
-
+# The one declarative map, module by module, in the order tensors are written.
 RULES: tuple[Rule, ...] = (
-    Rule(
-        "model.embed_tokens.weight",
-        ("embed_tokens", "embedding"),
-        lambda c: (c.vocab_size, c.hidden_size),
-        lambda c: (c.vocab_size, c.hidden_size),
-        _same,
-        _same,
-    ),
-    Rule("model.norm.weight", ("norm", "scale"), lambda c: (c.hidden_size,), lambda c: (c.hidden_size,), _same, _same),
-    Rule(
-        "lm_head.weight",
-        ("lm_head", "kernel"),
-        lambda c: (c.vocab_size, c.hidden_size),
-        lambda c: (c.hidden_size, c.vocab_size),
-        _t,
-        _t,
-    ),
-    Rule(
-        _P + "input_layernorm.weight",
-        ("input_norm", "scale"),
-        lambda c: (c.hidden_size,),
-        lambda c: (c.hidden_size,),
-        _same,
-        _same,
-    ),
-    Rule(
-        _P + "post_attention_layernorm.weight",
-        ("post_attn_norm", "scale"),
-        lambda c: (c.hidden_size,),
-        lambda c: (c.hidden_size,),
-        _same,
-        _same,
-    ),
-    Rule(
-        _P + "self_attn.q_proj.weight",
-        ("attn", "q_proj", "kernel"),
-        lambda c: (c.num_heads * c.head_dim, c.hidden_size),
-        lambda c: (c.hidden_size, c.num_heads, c.head_dim),
-        *_Q,
-    ),
-    Rule(
-        _P + "self_attn.k_proj.weight",
-        ("attn", "k_proj", "kernel"),
-        lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
-        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
-        *_KV,
-    ),
-    Rule(
-        _P + "self_attn.v_proj.weight",
-        ("attn", "v_proj", "kernel"),
-        lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
-        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
-        *_KV,
-    ),
-    Rule(
-        _P + "self_attn.o_proj.weight",
-        ("attn", "o_proj", "kernel"),
-        lambda c: (c.hidden_size, c.num_heads * c.head_dim),
-        lambda c: (c.num_heads, c.head_dim, c.hidden_size),
-        _o_to_flax,
-        _o_to_hf,
-    ),
-    Rule(
-        _P + "mlp.gate_proj.weight",
-        ("mlp", "gate_proj", "kernel"),
-        lambda c: (c.intermediate_size, c.hidden_size),
-        lambda c: (c.hidden_size, c.intermediate_size),
-        _t,
-        _t,
-    ),
-    Rule(
-        _P + "mlp.up_proj.weight",
-        ("mlp", "up_proj", "kernel"),
-        lambda c: (c.intermediate_size, c.hidden_size),
-        lambda c: (c.hidden_size, c.intermediate_size),
-        _t,
-        _t,
-    ),
-    Rule(
-        _P + "mlp.down_proj.weight",
-        ("mlp", "down_proj", "kernel"),
-        lambda c: (c.hidden_size, c.intermediate_size),
-        lambda c: (c.intermediate_size, c.hidden_size),
-        _t,
-        _t,
-    ),
+    Rule(("embed_tokens", "embedding"), "model.embed_tokens.weight", SAME),
+    Rule(("norm", "scale"), "model.norm.weight", SAME),
+    Rule(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE),
+    Rule(("input_norm", "scale"), _P + "input_layernorm.weight", SAME),
+    Rule(("post_attn_norm", "scale"), _P + "post_attention_layernorm.weight", SAME),
+    Rule(("attn", "q_proj", "kernel"), _P + "self_attn.q_proj.weight", SPLIT_OUT),
+    Rule(("attn", "k_proj", "kernel"), _P + "self_attn.k_proj.weight", SPLIT_OUT),
+    Rule(("attn", "v_proj", "kernel"), _P + "self_attn.v_proj.weight", SPLIT_OUT),
+    Rule(("attn", "o_proj", "kernel"), _P + "self_attn.o_proj.weight", SPLIT_IN),
+    Rule(("mlp", "gate_proj", "kernel"), _P + "mlp.gate_proj.weight", TRANSPOSE),
+    Rule(("mlp", "up_proj", "kernel"), _P + "mlp.up_proj.weight", TRANSPOSE),
+    Rule(("mlp", "down_proj", "kernel"), _P + "mlp.down_proj.weight", TRANSPOSE),
 )
 
-# Tensors some checkpoints carry that hold nothing the model needs.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+@functools.lru_cache(maxsize=32)
+def _shapes(cfg: LlamaConfig) -> tuple[dict[Path_, Shape], dict[Path_, Shape], dict[Path_, Shape]]:
+    """From `model.abstract_params`: ``(top-level path -> shape, in-layer path -> one layer's shape,
+    full path -> shape)``; every parameter must have a rule, every rule (but a tied head) a parameter."""
+    boxed = abstract_params(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    full = {tuple(k.key for k in path): tuple(leaf.value.shape) for path, leaf in leaves}
+    top: dict[Path_, Shape] = {}
+    layer: dict[Path_, Shape] = {}
+    for path, shape in full.items():
+        if path[0] == "layers":  # stacked: [layers, ...]
+            layer[path[1:]] = shape[1:]
+        elif path[0].startswith("layers_"):
+            layer.setdefault(path[1:], shape)
+        else:
+            top[path] = shape
+    named = {r.path for r in RULES if r.per_layer}, {r.path for r in RULES if not r.per_layer}
+    unnamed = sorted(set(layer) - named[0]) + sorted(set(top) - named[1])
+    if unnamed:
+        raise ConversionError(
+            f"model parameter {'/'.join(unnamed[0])} has no Hugging Face name: add it to convert.names.RULES."
+        )
+    return top, layer, full
 
 
 def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[Rule, int | None]]:
     """Every HF tensor name this config needs → (rule, layer index or None)."""
+    top, layer, _ = _shapes(cfg)
     out: dict[str, tuple[Rule, int | None]] = {}
     for rule in RULES:
-        if rule.hf == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
+        if rule.path not in (layer if rule.per_layer else top):
+            if rule.path == ("lm_head", "kernel") and cfg.tie_word_embeddings:
+                continue  # tied: the head is the embedding
+            raise ConversionError(f"RULES names {'/'.join(rule.path)} but the model has no such parameter.")
         if rule.per_layer:
             for i in range(cfg.num_layers):
                 out[rule.hf.format(i=i)] = (rule, i)
         else:
             out[rule.hf] = (rule, None)
     return out
+
+
+# Tensors some checkpoints carry that hold nothing the model needs.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def is_ignored(name: str) -> bool:
@@ -226,15 +189,7 @@ def get_param(params: dict[str, Any], rule: Rule, layer: int | None, cfg: LlamaC
 
 def param_paths(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Every ringllama parameter path → its shape, in the layout ``cfg.scan_layers`` selects."""
-    out: dict[tuple[str, ...], tuple[int, ...]] = {}
-    for rule, layer in expected_tensors(cfg).values():
-        if layer is not None and cfg.scan_layers:
-            out[("layers", *rule.path)] = (cfg.num_layers, *rule.flax_shape(cfg))
-        elif layer is not None:
-            out[(f"layers_{layer}", *rule.path)] = rule.flax_shape(cfg)
-        else:
-            out[rule.path] = rule.flax_shape(cfg)
-    return out
+    return dict(_shapes(cfg)[2])
 
 
 def empty_params(cfg: LlamaConfig, dtype) -> dict[str, Any]:
@@ -257,9 +212,3 @@ def set_param(params: dict[str, Any], rule: Rule, layer: int | None, cfg: LlamaC
         node[rule.path[-1]] = value.astype(node[rule.path[-1]].dtype, copy=False)
     else:
         node[rule.path[-1]][index] = value
-
-
-def iter_hf_tensors(params: dict[str, Any], cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, array)`` one tensor at a time (for streaming export)."""
-    for name, (rule, layer) in expected_tensors(cfg).items():
-        yield name, flax_to_hf(name, np.asarray(get_param(params, rule, layer, cfg)), rule, cfg)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from convert.names import ConversionError
+from sharding.sizes import SizeError, parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,19 +32,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype codes for the float types a Llama checkpoint holds.
 DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 @dataclass(frozen=True)
@@ -59,15 +46,12 @@ class TensorInfo:
     nbytes: int
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in a size like ``"5GB"`` (10⁹), ``"2GiB"`` (2³⁰), ``"500MB"`` or a plain integer."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
-        if not m:
-            raise ConversionError(f"cannot read the size {text!r}: write it like 5GB, 500MB or 2GiB.")
-        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+def shard_bytes(text: str | int) -> int:
+    """The ``max_shard_size`` in bytes (`sharding.sizes.parse_size`: ``"5GB"``, ``"2GiB"``, ``"2G"``, an int)."""
+    try:
+        value = parse_size(text, "the shard size")
+    except SizeError as exc:
+        raise ConversionError(f"cannot read the size {text!r}: write it like 5GB, 500MB, 2GiB or 2G.") from exc
     if value <= 0:
         raise ConversionError(f"the shard size must be positive, got {text!r}.")
     return value

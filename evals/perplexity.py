@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from evals.loading import EvalInputError
 from text.haystack import HaystackError, haystack_text, read_documents
@@ -71,8 +72,6 @@ def perplexity_by_position(
     records = []
     it = lengths
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(lengths, desc="perplexity", unit="length")
     for length in it:
         if mode == "truncated":

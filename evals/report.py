@@ -13,10 +13,10 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+
+from convert.atomic import atomic_path, staged_directory
 
 HEATMAP_SIZE = (8.0, 5.0)  # inches; at HEATMAP_DPI → 800 × 500 pixels
 HEATMAP_DPI = 100
@@ -30,19 +30,7 @@ def format_length(n: int) -> str:
     return str(n)
 
 
-def _stage(out_dir: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".evals-", dir=parent)
-
-
-def _publish(tmp: str, out_dir: str) -> None:
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-def _write_csv(path: str, rows: Sequence[dict]) -> None:
+def _write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     if not rows:
         open(path, "w").close()
         return
@@ -144,10 +132,9 @@ def plot_extension(path: str, series: dict[str, dict], title: str = "passkey acc
     # Below the axes: lines cross the whole plot, so any legend inside it hides some of them.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=HEATMAP_DPI)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=HEATMAP_DPI)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -168,35 +155,25 @@ def plot_perplexity(path: str, records: Sequence[dict]) -> None:
 
 def write_task_results(out_dir: str, settings: dict, records: list[dict], aggregates: dict, depth_tasks) -> str:
     """Write JSON, CSVs and plots for a task grid; returns the directory."""
-    tmp = _stage(out_dir)
-    try:
-        with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as fh:
+    with staged_directory(out_dir, replace=True) as tmp:
+        with open(tmp / "results.json", "w", encoding="utf-8") as fh:
             json.dump({"settings": settings, "aggregates": aggregates, "records": records}, fh, indent=1)
-        _write_csv(os.path.join(tmp, "records.csv"), records)
-        _write_csv(os.path.join(tmp, "summary.csv"), aggregates["by_cell"])
+        _write_csv(tmp / "records.csv", records)
+        _write_csv(tmp / "summary.csv", aggregates["by_cell"])
         for task in sorted({c["task"] for c in aggregates["by_cell"]}):
             if task in depth_tasks:
                 cells = [c for c in aggregates["by_cell"] if c["task"] == task]
-                plot_heatmap(os.path.join(tmp, f"heatmap_{task}.png"), cells, task)
-        plot_accuracy_vs_length(os.path.join(tmp, "accuracy_vs_length.png"), aggregates["by_length"])
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                plot_heatmap(str(tmp / f"heatmap_{task}.png"), cells, task)
+        plot_accuracy_vs_length(str(tmp / "accuracy_vs_length.png"), aggregates["by_length"])
     return out_dir
 
 
 def write_perplexity_results(out_dir: str, settings: dict, records: list[dict]) -> str:
-    tmp = _stage(out_dir)
-    try:
-        with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as fh:
+    with staged_directory(out_dir, replace=True) as tmp:
+        with open(tmp / "results.json", "w", encoding="utf-8") as fh:
             json.dump({"settings": settings, "records": records}, fh, indent=1)
-        _write_csv(os.path.join(tmp, "perplexity.csv"), records)
-        plot_perplexity(os.path.join(tmp, "perplexity_vs_position.png"), records)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_csv(tmp / "perplexity.csv", records)
+        plot_perplexity(str(tmp / "perplexity_vs_position.png"), records)
     return out_dir
 
 

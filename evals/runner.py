@@ -8,7 +8,8 @@ attention into a sequence-sharded KV cache (`evals.generation`), so prompts far 
 than one device holds are evaluated.
 
 Logits are never materialised for the whole prompt: the model returns hidden states and the
-head is applied only at the answer positions (teacher-forced) or in position chunks (losses),
+head is applied only at the answer positions (teacher-forced) or in the training loss's strided
+position chunks (`model.loss.chunked_token_nll`: even slices on every ring device, no gathers),
 which matters with a 128K vocabulary at 100K+ tokens.
 """
 
@@ -25,9 +26,11 @@ import numpy as np
 
 from evals.generation import greedy_generate
 from model.config import LlamaConfig
+from model.generate import ring_size
 from model.llama import Llama
+from model.loss import chunked_token_nll
 from model.params import lm_head_kernel
-from sharding.rules import axis_rules
+from sharding.rules import axis_rules, batch_sharding
 from text.synthetic import Sample
 
 
@@ -59,24 +62,25 @@ def _forced_fn(params, tokens, starts, targets, *, config, mesh):
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "chunk"))
 def _nll_fn(params, tokens, *, config, mesh, chunk):
-    """Per-position next-token NLL ``[b, T-1]`` (fp32), the head applied ``chunk`` positions at a time."""
+    """Per-position next-token NLL ``[b, T-1]`` (fp32) through the training loss's chunks (`model.loss`)."""
+    # Score all T positions (the last one's target is a dummy 0, dropped) so the chunks split evenly over the ring.
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     with axis_rules(mesh):
-        hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)[:, :-1]  # [b, T-1, d]
-    targets = tokens[:, 1:]
-    b, t, d = hidden.shape
-    pad = _round_up(t, chunk) - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)  # [c, b, chunk, d]
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)  # [c, b, chunk]
-    head = lm_head_kernel(params, config)
+        hidden = Llama(config, mesh).apply({"params": params}, tokens, return_hidden=True)  # [b, T, d]
+        nll = chunked_token_nll(hidden, lm_head_kernel(params, config), targets, chunk, mesh)  # [b, T]
+    return nll[:, :-1]
 
-    def one(args):
-        h_c, y_c = args
-        logits = jnp.einsum("bcd,dv->bcv", h_c, head.astype(h_c.dtype)).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
 
-    nll = jax.lax.map(one, (h, y))  # [c, b, chunk]
-    return nll.swapaxes(0, 1).reshape(b, -1)[:, :t]
+def _nll_chunk(t: int, chunk: int, ring: int) -> int:
+    """At most ``chunk`` positions per loss chunk; on a ring, chunks of a size that splits evenly over it.
+
+    `model.loss` cuts ``t`` positions into ``n = ceil(t / chunk)`` strided chunks of ``t / n``; with
+    ``t`` a multiple of the ring size, ``n`` dividing ``t / ring`` gives every device an equal slice.
+    """
+    n = -(-t // chunk)
+    while ring > 1 and (t // ring) % n:
+        n += 1
+    return -(-t // n)
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Runner:
 
     @property
     def ring(self) -> bool:
-        return self.mesh is not None and dict(self.mesh.shape).get("sequence", 1) > 1
+        return ring_size(self.mesh) > 1
 
     @property
     def forward_config(self) -> LlamaConfig:
@@ -109,14 +113,12 @@ class Runner:
     def _pad_len(self, n: int) -> int:
         multiple = self.pad_multiple
         if self.ring:  # every ring shard gets the same number of tokens
-            multiple = int(np.lcm(multiple, dict(self.mesh.shape)["sequence"]))
+            multiple = int(np.lcm(multiple, ring_size(self.mesh)))
         return _round_up(n, multiple)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(x)
-        from sharding.rules import batch_sharding
-
         return jax.device_put(x, batch_sharding(self.mesh, x.shape))
 
     def _batches(self, samples: Sequence[Sample]):
@@ -176,7 +178,8 @@ class Runner:
         b, t = tokens.shape
         padded = np.zeros((b, self._pad_len(t)), np.int32)
         padded[:, :t] = tokens
-        nll = _nll_fn(self.params, self._put(padded), config=self.forward_config, mesh=self.mesh, chunk=min(chunk, t))
+        chunk = _nll_chunk(padded.shape[1], min(chunk, t), ring_size(self.mesh))
+        nll = _nll_fn(self.params, self._put(padded), config=self.forward_config, mesh=self.mesh, chunk=chunk)
         return np.asarray(nll)[:, : t - 1]
 
 

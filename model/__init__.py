@@ -1,4 +1,4 @@
-"""ringllama's Llama 3: config, presets, RoPE, the Flax model, KV cache and generation.
+"""ringllama's Llama 3: config, presets, RoPE, the Flax model, KV cache, generation and the chunked LM loss.
 
 Shape letters: b batch, t query position, s key position, d embed, n query heads,
 k kv heads, h head_dim, f mlp, v vocab.
@@ -7,6 +7,7 @@ k kv heads, h head_dim, f mlp, v vocab.
     params = model.init_params(cfg, jax.random.key(0))
     logits = model.Llama(cfg).apply({"params": params}, tokens)   # tokens[b, t] -> [b, t, v]
     out = model.generate(cfg, params, prompt, max_new_tokens=32)  # prompt[b, t] -> [b, t + new]
+    loss_sum, count = model.chunked_cross_entropy(hidden, head, targets, mask, chunk=1024)  # hidden[b, t, d]
 
 On a mesh the caller installs the logical-axis rules around whatever traces the model (the model
 never imports `sharding`; given a mesh without rules it raises `attention.RulesError`)::
@@ -24,6 +25,7 @@ from model.config import ATTENTION_IMPLS, ROPE_TYPES, ConfigError, LlamaConfig, 
 from model.generate import generate
 from model.llama import Llama
 from model.lora import LoraConfig
+from model.loss import chunked_cross_entropy, chunked_token_nll
 from model.params import abstract_params, count_params, init_params, lm_head_kernel, logical_axes
 from model.presets import PRESETS, preset
 from model.rope import apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, rotate, theta_for_length
@@ -39,6 +41,8 @@ __all__ = [
     "RopeConfig",
     "abstract_params",
     "apply_rope",
+    "chunked_cross_entropy",
+    "chunked_token_nll",
     "count_params",
     "generate",
     "init_cache",

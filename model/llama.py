@@ -59,7 +59,7 @@ class Attention(nn.Module):
     """GQA self-attention; K/V stay at ``kv_heads`` all the way into `attention.attention`.
 
     ``return_kv``: without a cache, also return the rotated ``{"k", "v"}`` of this call (a
-    prefill that builds a KV cache from a ring-attention forward, `evals.ring_prefill`).
+    prefill that builds a KV cache from a ring-attention forward, `model.generate`).
     """
 
     config: LlamaConfig

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 
 import model
@@ -21,9 +20,7 @@ from model.lora import LoraConfig
 from sharding.comm import KERNEL_TFLOPS, LINK_GBYTES, CommError, model_overlap_plan, resolve_rates
 from sharding.mesh import AXES, MeshConfig, MeshError
 from sharding.planner import REMATS, PlanError, plan_memory
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40})
+from sharding.sizes import SizeError, has_unit, parse_size
 
 
 class UsageError(ValueError):
@@ -31,12 +28,12 @@ class UsageError(ValueError):
 
 
 def parse_bytes(text: str) -> int:
-    """``"80GB"`` → 80·10⁹, ``"80GiB"``/``"80G"`` → 80·2³⁰, ``"1.5e9"`` → bytes (bare numbers: ≥ 1 MiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"--device-memory {text!r} is not a size: write e.g. 80GB, 80GiB or 96e9.")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if not m.group(2) and value < 2**20:
+    """``--device-memory``: a size (`sharding.sizes.parse_size`); a bare number must be at least 1 MiB."""
+    try:
+        value = parse_size(text, "--device-memory")
+    except SizeError as exc:
+        raise UsageError(str(exc)) from exc
+    if not has_unit(text) and value < 2**20:
         raise UsageError(f"--device-memory {text!r} has no unit and is under 1 MiB: write e.g. {text}GB or {text}GiB.")
     return value
 

@@ -212,7 +212,7 @@ def plan_memory(
         mesh: `MeshConfig` (sizes), a `jax.sharding.Mesh` or ``{axis: size}``.
         remat: remat policy (default ``config.remat_policy``): none | full | dots | dots_with_no_batch_dims.
         attention: override ``config.attention_impl`` (reference | xla | blockwise | ring | auto).
-        loss_chunk: positions per chunk of the chunked cross-entropy (`train.loss`); None for
+        loss_chunk: positions per chunk of the chunked cross-entropy (`model.loss`); None for
             full ``[b, t, v]`` logits.
         moment_bytes: bytes per AdamW moment element (4: fp32).
         num_devices: resolves a ``-1`` axis of a `MeshConfig`.

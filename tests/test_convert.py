@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import convert
-from convert import cli
+from convert import cli, names
 from model import Llama, LlamaConfig
 from sharding import MeshConfig, make_mesh
 
@@ -119,6 +119,27 @@ def test_hf_round_trip_through_cli_is_bit_identical(hf_models, tmp_path, name, s
     np.testing.assert_array_equal(
         hf_logits(reloaded, TOKENS), hf_logits(transformers.LlamaForCausalLM.from_pretrained(src).float(), TOKENS)
     )
+
+
+@pytest.mark.parametrize("name", ["llama3", "tied"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_name_map_from_abstract_params_matches_transformers_state_dict(hf_models, name, scan_layers):
+    """The derived map names exactly the tensors transformers has, with its shapes, in either layout."""
+    model, path = hf_models[name]
+    cfg = LlamaConfig.from_hf(path, scan_layers=scan_layers)
+    state = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    }
+    expected = names.expected_tensors(cfg)
+    assert sorted(expected) == sorted(state)
+    for hf_name, (rule, _) in expected.items():
+        assert rule.hf_shape(cfg) == state[hf_name], hf_name
+    # Every parameter of the model is covered once (an unmapped one would be silently dropped on export).
+    covered = {(("layers",) if scan_layers else (f"layers_{layer}",)) + rule.path if layer is not None else rule.path
+               for rule, layer in expected.values()}  # fmt: skip
+    assert covered == set(names.param_paths(cfg))
 
 
 def test_loaded_logits_match_transformers(hf_models):

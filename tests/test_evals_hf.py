@@ -114,7 +114,7 @@ def test_cli_end_to_end_writes_json_csv_and_heatmap(hf_setup, tmp_path, capsys):
     assert img.shape[:2] == (int(HEATMAP_SIZE[1] * HEATMAP_DPI), int(HEATMAP_SIZE[0] * HEATMAP_DPI))
     assert img[..., :3].std() > 0.05  # not a blank image
     assert (out / "accuracy_vs_length.png").is_file()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".evals-")]  # the staging dir was renamed
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # the staging dir was renamed
 
 
 def test_cli_generate_mode_ruler(hf_setup, tmp_path):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 import model
-from evals.generation import greedy_generate, ring_prefill
+from evals.generation import cache_sharding, greedy_generate
 from evals.runner import Runner
+from model.generate import prefill
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import batch_sharding, shard_params
+from sharding.rules import shard_params
 from text import passkey_sample
 from text.tokenizer import ByteTokenizer
 
@@ -37,13 +38,10 @@ def reference(setup):
 
 def test_ring_prefill_equals_single_device(setup, reference):
     _, sharded, mesh, _, prompt = setup
-    t_pad, max_len = 304, 312  # what greedy_generate uses for 12 new tokens: one compile for both tests
-    tokens = np.zeros((2, t_pad), np.int32)
-    tokens[:, :T] = prompt
-    logits, cache = ring_prefill(
-        sharded, jax.device_put(tokens, batch_sharding(mesh, tokens.shape)), config=CFG, mesh=mesh, length=T,
-        max_len=max_len,
-    )  # fmt: skip
+    max_len = 312  # what greedy_generate uses for 12 new tokens (T + 12 rounded up to the ring of 8)
+    logits, cache = prefill(
+        sharded, prompt, config=CFG, max_len=max_len, mesh=mesh, cache_sharding=cache_sharding(CFG, mesh, 2, max_len)
+    )
     ref_logits, ref_cache = reference
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits[:, -1]), atol=2e-5, rtol=2e-5)
     assert (np.argmax(logits, -1) == np.argmax(ref_logits[:, -1], -1)).all()

@@ -238,6 +238,7 @@ def compile_cache(tmp_path):
     cc.reset_cache()
 
 
+@pytest.mark.slow  # two training runs and an export: ~40 s on CPU
 def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache):
     """Two stages on an fsdp=2 × tensor=2 × sequence=2 mesh from an --init-from base; a stop + ``--resume --init-from`` run repeats
     the losses bit for bit; the run writes merged ``final/``, ``lora/`` and ``peft/``."""

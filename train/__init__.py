@@ -11,6 +11,7 @@ the engine (`OptimConfig`, `TrainState`, `init_state`, `make_train_step`, `make_
 `StageConfig`, `validate`, `run`, `MetricsLogger`).
 """
 
+from model.loss import chunked_cross_entropy
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import (
     CheckpointConfig,
@@ -30,7 +31,6 @@ from train.data import heldout_batches, make_iterator
 from train.data_config import DataConfig, DataError, SourceConfig
 from train.flops import flops_per_token, train_step_flops
 from train.guards import NonFiniteError, check_finite
-from train.loss import chunked_cross_entropy
 from train.metrics import DEVICE_PEAK_TFLOPS, MetricsLogger, device_peak_tflops, mfu, plot_run, read_metrics
 from train.optim import OptimConfig, make_optimizer, make_schedule
 from train.packing import pack_documents, unpack_documents

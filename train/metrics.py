@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from convert.atomic import atomic_file, atomic_path
+
 # Dense bf16 peak TFLOP/s per device, matched against `jax.Device.device_kind` (first match wins).
 DEVICE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989.4),
@@ -92,10 +94,8 @@ class MetricsLogger:
         if not os.path.exists(self.path):
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
+        with atomic_file(self.path) as fh:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (a dict of JSON scalars; ``step`` is the global step)."""
@@ -206,8 +206,7 @@ def plot_run(metrics_path: str, out_png: str) -> str | None:
     if evals:
         ax2.legend()
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png

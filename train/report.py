@@ -21,9 +21,14 @@ from typing import Any
 
 import jax
 
+from convert.atomic import atomic_file
+from evals.report import plot_extension
 from model import schema
+from text.tokenizer import load_tokenizer
 from train.config import StagePlan, TrainConfig, start_plan
-from train.stage_eval import heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
+from train.export import check_transformers, export_final, hf_greedy_passkey
+from train.metrics import read_metrics
+from train.stage_eval import PASSKEY_RESERVE, heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
 
 
 @dataclass
@@ -57,10 +62,8 @@ class Reporter:
     def _write(self) -> None:
         if not self.lead:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
+        with atomic_file(self.path) as fh:
             json.dump(self.data, fh, indent=1)
-        os.replace(tmp, self.path)
 
     def end_of_stage(self, state, plan: StagePlan, nxt: StagePlan | None, mesh, global_step: int) -> list[dict]:
         """Evaluate the stage's final params; returns metrics records (kind ``eval``)."""
@@ -95,8 +98,6 @@ class Reporter:
         return records
 
     def _passkey(self, state, plan: StagePlan, mesh) -> dict:
-        from text.tokenizer import load_tokenizer
-
         ev = self.cfg.eval
         records, agg = passkey_grid(
             state.params, plan.model, mesh, load_tokenizer(plan.data.tokenizer), lengths=ev.passkey_lengths,
@@ -132,8 +133,6 @@ class Reporter:
         if jax.process_count() > 1:
             self.say("multi-process run: the final weights are the last checkpoint in checkpoints/ (no export)")
             return
-        from train.export import check_transformers, export_final
-
         params = jax.device_get(state.params)
         paths = export_final(self.run_dir, plan.model, params, hf=self.cfg.export.hf)
         self.data["final_checkpoint"] = paths["final"]
@@ -153,10 +152,6 @@ class Reporter:
                 self.data["hf_export"]["greedy_passkey"] = self._greedy(paths["hf"], plan)
 
     def _greedy(self, hf_dir: str, plan: StagePlan) -> dict:
-        from text.tokenizer import load_tokenizer
-        from train.export import hf_greedy_passkey
-        from train.stage_eval import PASSKEY_RESERVE
-
         ev = self.cfg.eval
         result = hf_greedy_passkey(
             hf_dir, load_tokenizer(plan.data.tokenizer), length=plan.stage.seq_len,
@@ -220,8 +215,6 @@ def greedy_line(result: dict) -> str:
 
 def _step_cost(run_dir: str, stage: str) -> dict:
     """Median train-step seconds of a stage (compile step excluded) and its total training seconds."""
-    from train.metrics import read_metrics
-
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return {}
@@ -321,10 +314,6 @@ def _pct(v) -> str:
 
 def plot_extension_figure(run_dir: str, stages: dict, plans: list[StagePlan]) -> str | None:
     """``<run_dir>/extension.png``: passkey accuracy vs length, a line per stage, training lengths marked."""
-    try:
-        from evals.report import plot_extension
-    except ImportError:
-        return None
     series = {}
     for p in plans:
         s = stages.get(p.name, {})

@@ -39,9 +39,9 @@ from jax.sharding import Mesh, NamedSharding
 from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.llama import Llama
+from model.loss import chunked_cross_entropy
 from model.params import abstract_params, lm_head_kernel
 from sharding.rules import axis_rules, batch_sharding, constrain, param_shardings, replicated
-from train.loss import chunked_cross_entropy
 from train.optim import OptimConfig, apply_updates, make_optimizer, make_schedule
 from train.state import TrainState, state_shardings
 

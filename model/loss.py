@@ -1,5 +1,8 @@
 """Next-token cross-entropy computed in sequence chunks, so ``[seq, vocab]`` logits never exist.
 
+The one chunked loss: training sums it (`chunked_cross_entropy`), perplexity evals read it per
+position (`chunked_token_nll`); both visit the same strided chunks through the same head math.
+
 At 1M tokens × 128,256 vocab the fp32 logits would be ~0.5 TB per sequence. `chunked_cross_entropy`
 applies the output head to one chunk of positions at a time inside ``lax.scan`` and wraps each chunk in
 ``jax.checkpoint``, so neither the forward nor the backward keeps more than one chunk's logits alive.
@@ -18,19 +21,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attention import axes
+
 
 def _constrain(x: jax.Array, names: tuple, mesh) -> jax.Array:
-    if mesh is None:
-        return x
-    from sharding.rules import constrain
-
-    return constrain(x, names, mesh)
+    # Under the rules the caller installed (`sharding.axis_rules`), as the model's activations;
+    # without a mesh there is nothing to shard, and a mesh without rules raises.
+    return x if mesh is None else axes.constrain(x, names, mesh)
 
 
-def _chunk_loss(
-    h_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array, mask_bc: jax.Array, mesh=None
-) -> jax.Array:
-    """Masked cross-entropy summed over one chunk, fp32 from the logits on."""
+def _chunk_nll(h_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array, mesh=None) -> jax.Array:
+    """Next-token NLL ``[b, c]`` of one chunk, fp32 from the logits on."""
     # The head is cast here, per chunk, not once outside the scan: the scan then sums the head's
     # gradient over chunks in the head's own dtype (fp32 master weights), not in bf16.
     # bf16 inputs keep bf16 matmul speed; the accumulation and everything after it are fp32.
@@ -42,7 +43,30 @@ def _chunk_loss(
     # from its own slice and one [b, c] all-reduce combines them (a gather would collect the logits).
     vocab_v = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32)
     target_logit_bc = jnp.sum(jnp.where(vocab_v == targets_bc[..., None], logits_bcv, 0.0), axis=-1)
-    return jnp.sum((lse_bc - target_logit_bc) * mask_bc)
+    return lse_bc - target_logit_bc
+
+
+def _chunk_loss(
+    h_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array, mask_bc: jax.Array, mesh=None
+) -> jax.Array:
+    """Masked cross-entropy summed over one chunk."""
+    return jnp.sum(_chunk_nll(h_bcd, head_dv, targets_bc, mesh) * mask_bc)
+
+
+def _strided(x: jax.Array, n: int, c: int) -> jax.Array:
+    """``[b, t, ...]`` → ``[b, c, n, ...]`` (zero-padded to ``c·n``): position ``p = i·n + j`` at ``[:, i, j]``."""
+    pad = n * c - x.shape[1]
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(x.shape[0], c, n, *x.shape[2:])
+
+
+def _layout(t: int, chunk: int) -> tuple[int, int]:
+    """``(n chunks, c positions per chunk)`` for ``t`` positions and at most ``chunk`` per chunk."""
+    if chunk < 1:
+        raise ValueError(f"loss chunk must be a positive number of positions, got {chunk}.")
+    n = -(-t // chunk)
+    return n, -(-t // n)  # c ≤ chunk, and the padding n·c − t < n
 
 
 def chunked_cross_entropy(
@@ -75,24 +99,16 @@ def chunked_cross_entropy(
         ``loss_sum / max(count, 1)``; keeping the two apart lets gradient accumulation and
         multi-batch evaluation weight every token equally.
     """
-    if chunk < 1:
-        raise ValueError(f"loss chunk must be a positive number of positions, got {chunk}.")
     b, t, d = hidden_btd.shape
+    n, c = _layout(t, chunk)
     mask_bt = mask_bt.astype(jnp.float32)
     count = jnp.sum(mask_bt)
-    n = -(-t // chunk)  # number of chunks
-    c = -(-t // n)  # positions per chunk (≤ chunk, and padding < n)
-    pad = n * c - t
-    if pad:
-        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-        mask_bt = jnp.pad(mask_bt, ((0, 0), (0, pad)))
     # Position p = i·n + j goes to chunk j, row i: [b, c·n] -> [b, c, n]; step j slices [:, :, j] in place
     # (a dynamic slice, not a transposed copy of the hidden states; the backward writes the hidden
     # gradient chunk by chunk into one buffer the same way).
-    h_bcnd = _constrain(hidden_btd.reshape(b, c, n, d), ("batch", "length", None, "embed"), mesh)
-    tgt_bcn = targets_bt.reshape(b, c, n).astype(jnp.int32)
-    mask_bcn = mask_bt.reshape(b, c, n)
+    h_bcnd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
+    tgt_bcn = _strided(targets_bt, n, c).astype(jnp.int32)
+    mask_bcn = _strided(mask_bt, n, c)
 
     # Remat: the backward recomputes each chunk's logits instead of storing n of them.
     chunk_loss = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(4,))
@@ -106,6 +122,37 @@ def chunked_cross_entropy(
 
     loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(n))
     return loss_sum, count
+
+
+def chunked_token_nll(
+    hidden_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, chunk: int, mesh=None
+) -> jax.Array:
+    """Per-position next-token NLL ``[b, t]`` (fp32), through the same strided chunks as `chunked_cross_entropy`.
+
+    Args:
+        hidden_btd: final-norm hidden states ``[b, t, d]``.
+        head_dv: the output projection ``[d, v]``.
+        targets_bt: int ``[b, t]`` next-token ids (positions without one: any id, ignore their NLL).
+        chunk: positions per chunk (≥ 1); the sharding advice of `chunked_cross_entropy` applies.
+        mesh: as for `chunked_cross_entropy`.
+
+    Returns:
+        ``[b, t]`` fp32: ``logsumexp(logits) − logits[target]`` at every position. Forward only
+        (evaluation): no remat, one chunk's logits alive at a time.
+    """
+    b, t, d = hidden_btd.shape
+    n, c = _layout(t, chunk)
+    h_bcnd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
+    tgt_bcn = _strided(targets_bt, n, c).astype(jnp.int32)
+
+    def body(_, j):
+        h_bcd, tgt_bc = (jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcnd, tgt_bcn))
+        h_bcd = _constrain(h_bcd, ("batch", "length", "embed"), mesh)
+        return None, _chunk_nll(h_bcd, head_dv, tgt_bc, mesh)
+
+    _, nll_nbc = jax.lax.scan(body, None, jnp.arange(n))  # [n, b, c]
+    # Back to position order p = i·n + j: [n, b, c] -> [b, c, n] -> [b, c·n].
+    return nll_nbc.transpose(1, 2, 0).reshape(b, n * c)[:, :t]
 
 
 def full_cross_entropy(
