@@ -15,7 +15,7 @@ import model
 from model.cache import CACHE_AXES
 from model.config import LlamaConfig
 from model.generate import cache_len, ring_size
-from sharding.rules import ACTIVATION_RULES, logical_to_spec
+from sharding.rules import ACTIVATION_RULES, axis_rules, logical_to_spec
 
 
 def cache_sharding(config: LlamaConfig, mesh, batch: int, max_len: int) -> tuple[NamedSharding, NamedSharding]:
@@ -45,7 +45,8 @@ def greedy_generate(
     shardings = None
     if ring_size(mesh) > 1:
         shardings = cache_sharding(config, mesh, b, cache_len(t, max_new_tokens, mesh))
-    out = model.generate(
-        config, params, prompt, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, cache_sharding=shardings
-    )
+    with axis_rules(mesh):  # the ring prefill traces the model on the mesh
+        out = model.generate(
+            config, params, prompt, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, cache_sharding=shardings
+        )
     return np.asarray(out)[:, t:]

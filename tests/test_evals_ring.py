@@ -9,7 +9,7 @@ from evals.generation import cache_sharding, greedy_generate
 from evals.runner import Runner
 from model.generate import prefill
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import shard_params
+from sharding.rules import axis_rules, shard_params
 from text import passkey_sample
 from text.tokenizer import ByteTokenizer
 
@@ -39,9 +39,15 @@ def reference(setup):
 def test_ring_prefill_equals_single_device(setup, reference):
     _, sharded, mesh, _, prompt = setup
     max_len = 312  # what greedy_generate uses for 12 new tokens (T + 12 rounded up to the ring of 8)
-    logits, cache = prefill(
-        sharded, prompt, config=CFG, max_len=max_len, mesh=mesh, cache_sharding=cache_sharding(CFG, mesh, 2, max_len)
-    )
+    with axis_rules(mesh):
+        logits, cache = prefill(
+            sharded,
+            prompt,
+            config=CFG,
+            max_len=max_len,
+            mesh=mesh,
+            cache_sharding=cache_sharding(CFG, mesh, 2, max_len),
+        )
     ref_logits, ref_cache = reference
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits[:, -1]), atol=2e-5, rtol=2e-5)
     assert (np.argmax(logits, -1) == np.argmax(ref_logits[:, -1], -1)).all()
