@@ -27,7 +27,7 @@ from evals.cli import parse_lengths
 from evals.generation import cache_sharding
 from model.generate import cache_len, decode, prefill, stop_ids
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import shard_params
+from sharding.rules import axis_rules, shard_params
 
 
 def _best(fn, repeats: int) -> float:
@@ -48,7 +48,8 @@ def time_path(cfg, params, prompt, new: int, mesh, repeats: int) -> tuple[float,
     shardings = None if mesh is None else cache_sharding(cfg, mesh, b, max_len)
 
     def run_prefill():
-        return prefill(params, tokens, config=cfg, max_len=max_len, mesh=mesh, cache_sharding=shardings)
+        with axis_rules(mesh):  # the ring prefill traces the model on the mesh
+            return prefill(params, tokens, config=cfg, max_len=max_len, mesh=mesh, cache_sharding=shardings)
 
     t_prefill = _best(run_prefill, repeats)
     logits, cache = run_prefill()
