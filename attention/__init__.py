@@ -1,10 +1,18 @@
 """Attention for ringllama: one entry point, several exact implementations.
 
-Shapes (letters: b batch, t query position, s key position, n query heads, k kv heads,
-h head_dim)::
+The project's one legend of shape letters (every module's shape comments, einsum strings and
+``x_btd``-style suffixes use it; a letter never names a tensor or a count of something else):
 
-    attention(q[b,t,n,h], k[b,s,k,h], v[b,s,k,h], causal=..., segment_ids[b,t],
-              q_positions[b,t], kv_positions[b,s], impl=...) -> out[b,t,n,h]
+    b batch (rows)         t query / token position   s key position      d embed (model width)
+    n query heads          k kv heads                 g = n / k           h head_dim
+    f mlp width            v vocabulary               l layers            c chunk length
+    r = g·c query rows of one chunk and kv head       j chunk index / count of chunks (t/c)
+
+Tensors are named by role with the letters as a suffix (``q_btnh``, ``k_bskh``, ``logits_bkrs``);
+the bare ``q, k, v`` arguments below are the query, key and value tensors::
+
+    attention(q_btnh, k_bskh, v_bskh, causal=..., segment_ids[b,t],
+              q_positions[b,t], kv_positions[b,s], impl=...) -> out_btnh
 
 Masks come from positions and segment ids, so any token order (ring layouts, packed
 documents, KV caches) is handled by the same code.

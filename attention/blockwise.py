@@ -1,6 +1,6 @@
 """Blockwise (flash) attention in pure JAX: O(S·d) memory forward and backward, returns the LSE.
 
-Shape letters: b batch, t query position, s key position, n query heads, k kv heads, h head_dim.
+Shape letters: the legend in `attention` (b t s n k h here).
 
 The forward scans query chunks × KV chunks with an online softmax in fp32 (`attention.flash`);
 its ``jax.custom_vjp`` saves only q, k, v, the output and the LSE and recomputes each chunk's

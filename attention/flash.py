@@ -1,8 +1,6 @@
 """Flash-style chunk loops shared by blockwise and ring attention (forward and backward).
 
-Shape letters: b batch, t query position, s key position, n query heads, k kv heads,
-g = n / k query heads per kv head, h head_dim, c chunk length, r = g·c the query rows of one
-chunk that share a kv head.
+Shape letters: the legend in `attention` (b t s n k g h c r here).
 
 The loops work on a *chunk-major* layout made once per call (`q_chunks`, `kv_chunks`,
 `token_chunks`): queries ``[t/c, b, k, g·c, h]``, keys/values ``[s/c, b, k, c, h]``. A chunk is

@@ -1,6 +1,6 @@
 """Differentiable attention on the Pallas kernels of `attention.pallas_flash`: one device, and ring hops.
 
-Shape letters: b batch, t query position, s key position, n query heads, k kv heads, h head_dim.
+Shape letters: the legend in `attention` (b t s n k h here).
 
 - `pallas_attention`: exact attention over a whole (local) sequence with a ``jax.custom_vjp``
   that saves only q, k, v, the output and the LSE (the backward kernels recompute the

@@ -1,7 +1,6 @@
 """Pallas flash-attention kernels whose masks come from positions and segment ids (any offsets).
 
-Shape letters: b batch, t query position, s key position, n query heads, k kv heads,
-g = n / k query heads per kv head, h head_dim.
+Shape letters: the legend in `attention` (b t s n k g h here).
 
 Why our own kernels rather than JAX's shipped ones: ``jax.experimental.pallas.ops.gpu.attention``
 and ``ops.tpu.splash_attention`` build their causal mask from array indices (query and key

@@ -1,6 +1,6 @@
 """Ring attention: the sequence is sharded over a mesh axis and K/V blocks travel around it.
 
-Shape letters: b batch, t query position, s key position, n query heads, k kv heads, h head_dim.
+Shape letters: the legend in `attention` (b t s n k h here).
 
 Each of the N shards keeps its query block and, over N hops, sees every shard's K/V block:
 at hop i shard r holds the block that started on shard ``r − i``. Per hop:

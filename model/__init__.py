@@ -1,7 +1,6 @@
 """ringllama's Llama 3: config, presets, RoPE, the Flax model, KV cache, generation and the chunked LM loss.
 
-Shape letters: b batch, t query position, s key position, d embed, n query heads,
-k kv heads, h head_dim, f mlp, v vocab.
+Shape letters: the legend in `attention` (b t s d n k h f v here).
 
     cfg = model.preset("tiny")                          # or LlamaConfig.from_hf(dir)
     params = model.init_params(cfg, jax.random.key(0))

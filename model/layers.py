@@ -1,6 +1,6 @@
 """The model's math as small pure functions: RMSNorm, SwiGLU MLP, QKV projection, output.
 
-Shape letters: b batch, t position, d embed, n query heads, k kv heads, h head_dim, f mlp.
+Shape letters: the legend in `attention` (b t d n k h f here).
 Modules in `model.llama` own the parameters and call these.
 """
 

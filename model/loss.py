@@ -13,7 +13,7 @@ attention) every chunk then has an equal slice on every device, so the scan need
 contiguous chunks would each live on one device and force a gather. The loss is a sum over tokens,
 so the order in which tokens are visited does not matter (and neither does the ring layout).
 
-Shape letters: b batch, t position, c positions in one chunk, n chunks, d embed, v vocab.
+Shape letters (the legend in `attention`): b batch, t position, c positions in one chunk, j chunks, d embed, v vocab.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _chunk_loss(
 
 
 def _strided(x: jax.Array, n: int, c: int) -> jax.Array:
-    """``[b, t, ...]`` → ``[b, c, n, ...]`` (zero-padded to ``c·n``): position ``p = i·n + j`` at ``[:, i, j]``."""
+    """``[b, t, ...]`` → ``[b, c, j, ...]`` (zero-padded to ``c·n``): position ``p = i·n + j`` at ``[:, i, j]``."""
     pad = n * c - x.shape[1]
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -103,19 +103,19 @@ def chunked_cross_entropy(
     n, c = _layout(t, chunk)
     mask_bt = mask_bt.astype(jnp.float32)
     count = jnp.sum(mask_bt)
-    # Position p = i·n + j goes to chunk j, row i: [b, c·n] -> [b, c, n]; step j slices [:, :, j] in place
+    # Position p = i·n + j goes to chunk j, row i: [b, c·j] -> [b, c, j]; step j slices [:, :, j] in place
     # (a dynamic slice, not a transposed copy of the hidden states; the backward writes the hidden
     # gradient chunk by chunk into one buffer the same way).
-    h_bcnd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
-    tgt_bcn = _strided(targets_bt, n, c).astype(jnp.int32)
-    mask_bcn = _strided(mask_bt, n, c)
+    h_bcjd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
+    tgt_bcj = _strided(targets_bt, n, c).astype(jnp.int32)
+    mask_bcj = _strided(mask_bt, n, c)
 
     # Remat: the backward recomputes each chunk's logits instead of storing n of them.
     chunk_loss = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(4,))
 
     def body(total, j):
         h_bcd, tgt_bc, m_bc = (
-            jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcnd, tgt_bcn, mask_bcn)
+            jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcjd, tgt_bcj, mask_bcj)
         )
         h_bcd = _constrain(h_bcd, ("batch", "length", "embed"), mesh)
         return total + chunk_loss(h_bcd, head_dv, tgt_bc, m_bc, mesh), None
@@ -142,11 +142,11 @@ def chunked_token_nll(
     """
     b, t, d = hidden_btd.shape
     n, c = _layout(t, chunk)
-    h_bcnd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
-    tgt_bcn = _strided(targets_bt, n, c).astype(jnp.int32)
+    h_bcjd = _constrain(_strided(hidden_btd, n, c), ("batch", "length", None, "embed"), mesh)
+    tgt_bcj = _strided(targets_bt, n, c).astype(jnp.int32)
 
     def body(_, j):
-        h_bcd, tgt_bc = (jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcnd, tgt_bcn))
+        h_bcd, tgt_bc = (jax.lax.dynamic_index_in_dim(x, j, axis=2, keepdims=False) for x in (h_bcjd, tgt_bcj))
         h_bcd = _constrain(h_bcd, ("batch", "length", "embed"), mesh)
         return None, _chunk_nll(h_bcd, head_dv, tgt_bc, mesh)
 

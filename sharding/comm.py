@@ -1,13 +1,14 @@
 """Will the ring hide its communication? Per-hop attention compute time against K/V transfer time.
 
-Shape letters: b batch per device, L tokens per device (``seq_len / sequence``), n / k query /
-kv heads per device (divided by ``tensor`` when it divides them), h head_dim.
+Symbols (shape letters as in the `attention` legend): b batch per device, L tokens per device
+(``seq_len / sequence``), n / k query / kv heads per device (divided by ``tensor`` when it divides
+them), h head_dim, e bytes per element, φ the fraction of a hop's chunk pairs computed.
 
 Every ring hop, each device attends its L queries to one L-token K/V block while the next
 block travels one step around the ``sequence`` axis (`attention.ring` issues the ``ppermute``
 before the hop's compute). The hop hides its transfer when it is compute-bound:
 
-- forward FLOPs  ``4·b·L²·n·h·f`` (QKᵀ and PV, 2 FLOPs a multiply-add; ``f = ½`` causal in a
+- forward FLOPs  ``4·b·L²·n·h·φ`` (QKᵀ and PV, 2 FLOPs a multiply-add; ``φ = ½`` causal in a
   balanced zigzag/striped layout, where every hop computes half its block pairs, 1 otherwise);
   bytes ``b·L·(2·k·h·e + 8)``: K and V in ``e``-byte elements plus int32 positions and segment ids;
 - backward FLOPs ``2.5×`` the forward's (recomputed QKᵀ, then dV, dP, dQ, dK: 5 matmuls for 2),

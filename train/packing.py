@@ -25,7 +25,7 @@ Packing modes:
   such as retrieval samples are never cut in two. Longer-than-a-row documents still start in
   the space left and continue across rows.
 
-Shape letters: r rows, t positions in a row.
+Shape letters (the legend in `attention`): b rows of the batch, t positions in a row, l a document's tokens.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Doc(NamedTuple):
     """One tokenized document.
 
     Attributes:
-        ids: int32 ``[n]`` token ids (BOS/EOS included when the source adds them).
-        weights: float32 ``[n]`` loss weight of *predicting* ``ids[i]`` (``weights[0]`` is unused:
+        ids: int32 ``[l]`` token ids (BOS/EOS included when the source adds them).
+        weights: float32 ``[l]`` loss weight of *predicting* ``ids[i]`` (``weights[0]`` is unused:
             the first token is never a target); None means weight 1 everywhere.
     """
 
@@ -139,7 +139,7 @@ def fill_row(out: dict[str, np.ndarray], r: int, cursor: Cursor, mode: str = "fi
 
 
 def pack_documents(docs: Iterable, seq_len: int, mode: str = "fit", rows: int | None = None) -> dict[str, np.ndarray]:
-    """Pack a finite list of documents into ``[r, seq_len]`` arrays (the last row padded).
+    """Pack a finite list of documents into ``[b, seq_len]`` arrays (the last row padded).
 
     Args:
         docs: documents as `Doc`, ``(ids, weights)`` or id sequences.
@@ -150,7 +150,7 @@ def pack_documents(docs: Iterable, seq_len: int, mode: str = "fit", rows: int | 
 
     Returns:
         ``tokens``, ``targets``, ``positions``, ``segment_ids`` (int32) and ``loss_mask``
-        (float32), each ``[r, t]``.
+        (float32), each ``[b, t]``.
     """
     if mode not in PACKING_MODES:
         raise ValueError(f"unknown packing mode {mode!r}: use one of {', '.join(PACKING_MODES)}.")

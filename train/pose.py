@@ -27,7 +27,7 @@ so an iterator restored from its saved state (which holds the batch count) draws
 chunks, and the draw never depends on process count or ring layout (it is made on the global
 batch in contiguous order, before the host slice and the layout permutation).
 
-Shape letters: r rows, t columns of a row, n chunks.
+Shape letters (the legend in `attention`): b rows of the batch, t columns of a row, j chunks of a row.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def draw_chunks(
         chunks: N in ``[1, L]``.
 
     Returns:
-        ``(starts, skips)``, int64 ``[r, n]``: ``starts[:, 0] = 0 < starts[:, 1] < … < L`` (chunk i is
+        ``(starts, skips)``, int64 ``[b, j]``: ``starts[:, 0] = 0 < starts[:, 1] < … < L`` (chunk i is
         columns ``[starts_i, starts_{i+1})``) and ``0 = skips[:, 0] ≤ skips[:, 1] ≤ … ≤ T − L``.
     """
     check_pose(PoseConfig(target_length, chunks), seq_len)
@@ -102,10 +102,10 @@ def draw_chunks(
 
 
 def chunk_positions(starts: np.ndarray, skips: np.ndarray, seq_len: int) -> np.ndarray:
-    """Row positions ``c + skips[chunk(c)]`` for columns ``c`` of a window: int32 ``[r, t]``."""
+    """Row positions ``c + skips[chunk(c)]`` for columns ``c`` of a window: int32 ``[b, t]``."""
     col_t = np.arange(seq_len, dtype=np.int64)
-    chunk_rt = np.sum(col_t[None, None, :] >= starts[:, :, None], axis=1) - 1  # [r, t]: chunk of each column
-    return (col_t[None, :] + np.take_along_axis(skips, chunk_rt, axis=1)).astype(np.int32)
+    chunk_bt = np.sum(col_t[None, None, :] >= starts[:, :, None], axis=1) - 1  # [b, t]: chunk of each column
+    return (col_t[None, :] + np.take_along_axis(skips, chunk_bt, axis=1)).astype(np.int32)
 
 
 def draw_pose_positions(
@@ -123,20 +123,20 @@ def apply_pose(batch: dict[str, np.ndarray], row_positions: np.ndarray) -> dict[
     """A packed contiguous-layout batch with its document positions replaced by PoSE row positions.
 
     Args:
-        batch: ``[r, t]`` arrays with ``positions`` and ``segment_ids`` (as from `train.packing`).
-        row_positions: int ``[r, t]`` from `draw_pose_positions` / `chunk_positions`.
+        batch: ``[b, t]`` arrays with ``positions`` and ``segment_ids`` (as from `train.packing`).
+        row_positions: int ``[b, t]`` from `draw_pose_positions` / `chunk_positions`.
 
     Returns:
         A new dict (other arrays shared): each document piece's positions are ``row_positions``
         minus their value at the piece's first column (module docstring); padding unchanged.
     """
-    seg_rt = batch["segment_ids"]
-    rows, t = seg_rt.shape
-    first_rt = np.ones((rows, t), bool)
-    first_rt[:, 1:] = seg_rt[:, 1:] != seg_rt[:, :-1]
-    start_rt = np.maximum.accumulate(np.where(first_rt, np.arange(t), 0), axis=1)  # first column of the piece
-    rebased = row_positions - np.take_along_axis(row_positions, start_rt, axis=1)
-    positions = np.where(seg_rt > 0, rebased, batch["positions"]).astype(np.int32)
+    seg_bt = batch["segment_ids"]
+    rows, t = seg_bt.shape
+    first_bt = np.ones((rows, t), bool)
+    first_bt[:, 1:] = seg_bt[:, 1:] != seg_bt[:, :-1]
+    start_bt = np.maximum.accumulate(np.where(first_bt, np.arange(t), 0), axis=1)  # first column of the piece
+    rebased = row_positions - np.take_along_axis(row_positions, start_bt, axis=1)
+    positions = np.where(seg_bt > 0, rebased, batch["positions"]).astype(np.int32)
     return {**batch, "positions": positions}
 
 
