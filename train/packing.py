@@ -25,7 +25,7 @@ Packing modes:
   such as retrieval samples are never cut in two. Longer-than-a-row documents still start in
   the space left and continue across rows.
 
-Shape letters (the legend in `attention`): b rows of the batch, t positions in a row, l a document's tokens.
+Shape letters (the legend in `attention`): b rows of the batch, t positions in a row (also a document's own tokens).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Doc(NamedTuple):
     """One tokenized document.
 
     Attributes:
-        ids: int32 ``[l]`` token ids (BOS/EOS included when the source adds them).
-        weights: float32 ``[l]`` loss weight of *predicting* ``ids[i]`` (``weights[0]`` is unused:
+        ids: int32 ``[t]`` token ids (BOS/EOS included when the source adds them).
+        weights: float32 ``[t]`` loss weight of *predicting* ``ids[i]`` (``weights[0]`` is unused:
             the first token is never a target); None means weight 1 everywhere.
     """
 
