@@ -77,7 +77,7 @@ def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
+class _RunContext:
     """What every stage of one run shares: where it writes, what it resumes from, how it reports."""
 
     cfg: TrainConfig
@@ -161,7 +161,7 @@ def run(
     if meta:
         say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
 
-    run_ = _Run(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say)
+    ctx = _RunContext(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say)
     state, prev_plan, last_saved = None, None, (global_step if meta else None)
     branch_points = {p.stage.from_stage for p in plans if p.stage.from_stage is not None}
     ends: dict[str, Any] = {}  # host copies of the stage-end states that later stages branch from
@@ -173,7 +173,7 @@ def run(
             say(_stage_banner(plan))
             start = start_plan(plans, plan)
             if state is None and meta is not None:
-                state = _restore(run_, global_step, eng)
+                state = _restore(ctx, global_step, eng)
             elif state is None and start is None:
                 key = jax.random.wrap_key_data(jnp.asarray(rng))
                 params = init_from_model(init_from, eng, say) if init_from else None
@@ -181,14 +181,14 @@ def run(
                 del params  # a LoRA state holds its own (cast) frozen copy: free the loaded one
             elif start is not prev_plan:
                 say(f"{plan.name}: starts from the end of {start.name} (a branch)")
-                state = move_state(_branch_source(run_, ends, start), stage, say)
+                state = move_state(_branch_source(ctx, ends, start), stage, say)
             else:
                 state = move_state(state, stage, say)
             if training:
                 if meta is not None and stage_step > 0:
                     stage.data.restore(meta["data_state"])
                 state, global_step, stage_step, last_saved = _train_stage(
-                    run_, stage, state, global_step, stage_step, last_saved
+                    ctx, stage, state, global_step, stage_step, last_saved
                 )
             more = stage_step < plan.stage.steps or plan.index + 1 < len(plans)
             if stage_step < plan.stage.steps or (stop_after is not None and global_step >= stop_after and more):
@@ -219,13 +219,13 @@ def run(
     return result
 
 
-def _train_stage(run_: _Run, stage: StageRun, state: TrainState, global_step: int, stage_step: int, last_saved):
+def _train_stage(ctx: _RunContext, stage: StageRun, state: TrainState, global_step: int, stage_step: int, last_saved):
     """Train ``stage`` from ``stage_step`` to its end (or to ``--stop-after``); returns the loop counters."""
-    cfg, plan, it = run_.cfg, stage.plan, stage.data
+    cfg, plan, it = ctx.cfg, stage.plan, stage.data
     steps, seq_len, batch_size = plan.stage.steps, plan.stage.seq_len, plan.stage.batch_size
     flops = train_step_flops(plan.model, seq_len, batch_size)
     tokens = batch_size * seq_len
-    bar = _progress(cfg.progress and run_.lead, steps, stage_step, plan.name, run_.say)
+    bar = _progress(cfg.progress and ctx.lead, steps, stage_step, plan.name, ctx.say)
     timer, first = M.StepTimer(), True
     batch = next(it)
     data_state = it.state()  # the position after `batch`: where a resume after this step continues
@@ -239,7 +239,7 @@ def _train_stage(run_: _Run, stage: StageRun, state: TrainState, global_step: in
             data_state = it.state()
         metrics = jax.device_get(metrics)
         dt = timer.tick()
-        check_finite(metrics, global_step, last_saved, run_.ckptr.directory)
+        check_finite(metrics, global_step, last_saved, ctx.ckptr.directory)
         record = {
             "kind": "train",
             "stage": plan.name,
@@ -250,21 +250,21 @@ def _train_stage(run_: _Run, stage: StageRun, state: TrainState, global_step: in
             "grad_norm": float(metrics["grad_norm"]),
             "lr": float(metrics["lr"]),
             "tokens_per_sec": tokens / dt,
-            "mfu": M.mfu(flops, dt, jax.device_count(), run_.peak),
+            "mfu": M.mfu(flops, dt, jax.device_count(), ctx.peak),
             "step_time": dt,
             "seq_len": seq_len,
             "theta": plan.model.rope.theta,
             "includes_compile": first,
         }
         first = False
-        run_.logger.log(record)
+        ctx.logger.log(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
         every = cfg.checkpoint.every
-        stopping = run_.stop_after is not None and global_step >= run_.stop_after
+        stopping = ctx.stop_after is not None and global_step >= ctx.stop_after
         if stage_step == steps or stopping or (every and global_step % every == 0):
-            _save(run_, plan, state, global_step, stage_step, done_state)
+            _save(ctx, plan, state, global_step, stage_step, done_state)
             last_saved = global_step
         if stopping:
             break
@@ -273,27 +273,27 @@ def _train_stage(run_: _Run, stage: StageRun, state: TrainState, global_step: in
     return state, global_step, stage_step, last_saved
 
 
-def _restore(run_: _Run, step: int, eng: Engine) -> TrainState:
+def _restore(ctx: _RunContext, step: int, eng: Engine) -> TrainState:
     """The state of checkpoint ``step`` on ``eng``'s mesh; a LoRA run re-attaches its frozen base."""
-    state, _ = run_.ckptr.restore(step, eng.restore_target)
+    state, _ = ctx.ckptr.restore(step, eng.restore_target)
     if eng.lora is not None:  # LoRA checkpoints hold no base
-        state = state.replace(frozen=_lora_base(run_, eng))
+        state = state.replace(frozen=_lora_base(ctx, eng))
     return state
 
 
-def _branch_source(run_: _Run, ends: dict[str, Any], src: StagePlan) -> TrainState:
+def _branch_source(ctx: _RunContext, ends: dict[str, Any], src: StagePlan) -> TrainState:
     """The end state of stage ``src``: kept from this run, or (after --resume) its stage-end checkpoint."""
     if src.name in ends:
         return ends[src.name]
-    end_step = sum(p.stage.steps for p in run_.plans[: src.index + 1])
-    run_.ckptr.wait()  # the stage-end save may still be in flight
-    if end_step not in run_.ckptr.all_steps():
+    end_step = sum(p.stage.steps for p in ctx.plans[: src.index + 1])
+    ctx.ckptr.wait()  # the stage-end save may still be in flight
+    if end_step not in ctx.ckptr.all_steps():
         raise ConfigError(
             f"stage {src.name!r} is the start of a later branch but its stage-end checkpoint (global step "
             f"{end_step}) is gone: raise checkpoint.keep so that it survives, or rerun without --resume."
         )
     # Restored as ``src`` was trained: its mesh, its optimizer's state tree and, with LoRA, its layout.
-    return _restore(run_, end_step, build_stage(run_.cfg, run_.plans, src, with_data=False).engine)
+    return _restore(ctx, end_step, build_stage(ctx.cfg, ctx.plans, src, with_data=False).engine)
 
 
 def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -313,20 +313,20 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _save(run_: _Run, plan: StagePlan, state, global_step: int, stage_step: int, data_state) -> None:
+def _save(ctx: _RunContext, plan: StagePlan, state, global_step: int, stage_step: int, data_state) -> None:
     meta = {
         "global_step": int(global_step),
         "stage": plan.index,
         "stage_name": plan.name,
         "stage_step": int(stage_step),
         "data_state": data_state,
-        "rng": np.asarray(run_.rng).tolist(),
-        "base_model": run_.base.to_dict(),
+        "rng": np.asarray(ctx.rng).tolist(),
+        "base_model": ctx.base.to_dict(),
         "model": plan.model.to_dict(),  # the config this state trains: its stage's θ and max positions
-        "lora_base": run_.lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
+        "lora_base": ctx.lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
     }
     json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
-    run_.ckptr.save(global_step, state, meta)
+    ctx.ckptr.save(global_step, state, meta)
 
 
 def _check_lora_base(saved: str | None, given: str | None) -> None:
@@ -338,10 +338,10 @@ def _check_lora_base(saved: str | None, given: str | None) -> None:
     raise ConfigError(f"this LoRA run adapts {saved}: resume it with --init-from {saved}.")
 
 
-def _lora_base(run_: _Run, eng: Engine):
+def _lora_base(ctx: _RunContext, eng: Engine):
     """The frozen base of a restored LoRA state: ``--init-from`` again, or the seed's random base (as at the start)."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(run_.rng)), 0)  # the key the init was given
-    base = init_from_model(run_.init_from, eng, run_.say) if run_.init_from else None
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(ctx.rng)), 0)  # the key the init was given
+    base = init_from_model(ctx.init_from, eng, ctx.say) if ctx.init_from else None
     return eng.frozen(base=base, key=key)
 
 

@@ -54,6 +54,7 @@ class Engine:
         base_shardings: the base model's parameter shardings (no adapters): ``--init-from``
             weights, merged LoRA params and the eval step use them.
         abstract: the state as sharded ``jax.ShapeDtypeStruct`` leaves (frozen base included with LoRA).
+        shardings: the state's `NamedSharding` tree (the train step's in/out shardings).
         train_step: ``(state, batch) -> (state, metrics)``, jitted per batch shape, state donated.
         loss_chunk: positions per chunk of the chunked cross-entropy.
     """
@@ -65,14 +66,10 @@ class Engine:
     schedule: optax.Schedule
     base_shardings: Any
     abstract: TrainState
+    shardings: TrainState
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     loss_chunk: int
     _eval_steps: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def shardings(self) -> TrainState:
-        """The state's `NamedSharding` tree."""
-        return state_shardings(self.abstract)
 
     @property
     def restore_target(self) -> TrainState:
@@ -81,7 +78,7 @@ class Engine:
 
     def init(self, key: jax.Array, params: Any = None) -> TrainState:
         """A fresh sharded state: params from ``key`` (or ``params``: the base model's), zero moments."""
-        return init_state(self.model, self.tx, key, self.abstract, self.base_shardings, params=params, lora=self.lora)
+        return init_state(self.model, self.tx, key, self.shardings, self.base_shardings, params=params, lora=self.lora)
 
     def frozen(self, base: Any = None, key: jax.Array | None = None) -> Any:
         """A LoRA state's frozen leaves from ``base`` params (or the random base ``init`` draws from ``key``)."""
@@ -131,10 +128,11 @@ def build_engine(
     base_sh = param_shardings(model_cfg, mesh)
     full_sh = param_shardings(model_cfg, mesh, lora=lora) if lora is not None else base_sh
     abstract = abstract_state(model_cfg, tx, full_sh, mesh, lora)
-    step = make_train_step(model_cfg, mesh, tx, schedule, state_shardings(abstract),
+    shardings = state_shardings(abstract)
+    step = make_train_step(model_cfg, mesh, tx, schedule, shardings,
                            grad_accum_steps=optim_cfg.grad_accum_steps, loss_chunk=loss_chunk, donate=donate,
                            lora=lora)  # fmt: skip
-    return Engine(model_cfg, mesh, lora, tx, schedule, base_sh, abstract, step, loss_chunk)
+    return Engine(model_cfg, mesh, lora, tx, schedule, base_sh, abstract, shardings, step, loss_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

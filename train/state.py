@@ -140,7 +140,7 @@ def init_state(
     model_cfg: LlamaConfig,
     tx: optax.GradientTransformation,
     key: jax.Array,
-    abstract: TrainState,
+    shardings: TrainState,
     base_shardings: Any,
     params: Any = None,
     lora: lora_lib.LoraConfig | None = None,
@@ -151,13 +151,13 @@ def init_state(
         model_cfg: the model.
         tx: the built optimizer.
         key: PRNG key for the parameter init (with LoRA: the adapters' A, and a random base if no ``params``).
-        abstract: the state's `abstract_state`; arrays are created directly in its shards.
+        shardings: the state's `state_shardings`; arrays are created directly in their shards.
         base_shardings: the base model's parameter shardings (no adapters).
         params: start from these parameters (e.g. ``--init-from``) instead of a random init; with
             LoRA these are the base model's (no adapters).
         lora: train LoRA adapters on a frozen base instead of every parameter.
     """
-    sh = state_shardings(abstract)
+    sh = shardings
     frozen = None
     if lora is not None:
         # Only the adapters leave the jit, so XLA drops the base initialisers it does not need.
