@@ -50,8 +50,8 @@ from sharding.rules import axis_rules  # noqa: E402
 from train.flops import train_step_flops  # noqa: E402
 from train.metrics import device_peak_tflops, mfu  # noqa: E402
 from train.optim import OptimConfig  # noqa: E402
-from train.state import init_state  # noqa: E402
-from train.step import BATCH_KEYS, make_train_step  # noqa: E402
+from train.stage import build_engine  # noqa: E402
+from train.step import BATCH_KEYS  # noqa: E402
 
 FULL = dict(seqs=(8192, 16384, 32768), heads=32, kv_heads=8, head_dim=128, reps=5, model="llama3.2-1b",
             train_seq=8192, longest=(262144, 131072, 65536, 32768), steps=3)  # fmt: skip
@@ -146,8 +146,8 @@ def bench_train_step(sizes: dict, on_gpu: bool) -> dict:
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=1), devices=jax.devices()[:1])
     optim = OptimConfig()
     seq, steps = sizes["train_seq"], sizes["steps"]
-    state = init_state(cfg, optim, jax.random.key(0), mesh)
-    step = make_train_step(cfg, optim, mesh, total_steps=steps + 1)
+    engine = build_engine(cfg, optim, mesh, total_steps=steps + 1)
+    state, step = engine.init(jax.random.key(0)), engine.train_step
     batch = _step_inputs(cfg, seq, mesh)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
@@ -186,8 +186,8 @@ def bench_longest(sizes: dict, on_gpu: bool, deadline: float) -> dict:
             tried.append(dict(seq=seq, status="planner: does not fit", planned_gib=gib))
             continue
         try:
-            state = init_state(cfg_seq, optim, jax.random.key(0), mesh)
-            step = make_train_step(cfg_seq, optim, mesh, total_steps=2)
+            engine = build_engine(cfg_seq, optim, mesh, total_steps=2)
+            state, step = engine.init(jax.random.key(0)), engine.train_step
             t0 = time.perf_counter()
             state, metrics = step(state, _step_inputs(cfg_seq, seq, mesh))
             jax.block_until_ready(metrics)

@@ -32,16 +32,16 @@ from train.config import load_config, validate
 from train.data import make_iterator
 from train.flops import train_step_flops
 from train.metrics import device_peak_tflops, mfu
-from train.state import abstract_state, init_state, state_shardings
-from train.step import BATCH_KEYS, make_train_step
+from train.stage import build_engine
+from train.step import BATCH_KEYS
 
 
 def time_steps(plan, loss_chunk: int, steps: int, lora: LoraConfig | None = None) -> dict:
     """Tokens/s and MFU of the stage's train step (after one warm-up step that compiles)."""
     mesh = make_mesh(plan.mesh)
     stage = plan.stage
-    state = init_state(plan.model, plan.optim, jax.random.key(0), mesh, lora=lora)
-    step = make_train_step(plan.model, plan.optim, mesh, total_steps=steps + 1, loss_chunk=loss_chunk, lora=lora)
+    engine = build_engine(plan.model, plan.optim, mesh, total_steps=steps + 1, loss_chunk=loss_chunk, lora=lora)
+    state, step = engine.init(jax.random.key(0)), engine.train_step
     it = make_iterator(plan.data, stage.seq_len, stage.batch_size, 0, layout=plan.layout,
                        num_shards=dict(mesh.shape)["sequence"], pose=stage.pose)  # fmt: skip
     batches = [next(it) for _ in range(steps + 1)]
@@ -75,13 +75,13 @@ def compile_time(plan, num_layers: int, scan: bool, loss_chunk: int) -> float:
     """Seconds to lower and compile the train step for ``num_layers`` (scanned or unrolled)."""
     cfg = plan.model.replace(num_layers=num_layers, scan_layers=scan)
     mesh = make_mesh(plan.mesh)
-    step = make_train_step(cfg, plan.optim, mesh, total_steps=10, loss_chunk=loss_chunk)
+    engine = build_engine(cfg, plan.optim, mesh, total_steps=10, loss_chunk=loss_chunk)
+    step = engine.train_step
     b, t = plan.stage.batch_size, plan.stage.seq_len
     dtypes = {"loss_mask": np.float32}
     batch = {k: jax.ShapeDtypeStruct((b, t), dtypes.get(k, np.int32), sharding=batch_sharding(mesh, (b, t)))
              for k in BATCH_KEYS}  # fmt: skip
-    state = abstract_state(cfg, plan.optim, mesh)
-    sh = state_shardings(cfg, plan.optim, mesh)
+    state, sh = engine.abstract, engine.shardings
     jitted = jax.jit(step.step_fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}),
                      out_shardings=(sh, None), donate_argnums=(0,))  # fmt: skip
     t0 = time.perf_counter()

@@ -21,8 +21,7 @@ from sharding.mesh import MeshConfig, make_mesh
 from train.data import make_iterator
 from train.data_config import DataConfig
 from train.optim import OptimConfig
-from train.state import init_state
-from train.step import make_train_step
+from train.stage import build_engine
 
 CFG = model.preset("tiny")  # attention_impl "auto": reference on one device, ring when sequence > 1
 SEQ, BATCH, LOSS_CHUNK, TOTAL_STEPS = 64, 4, 16, 8
@@ -71,14 +70,19 @@ def host_params():
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@functools.cache
+def engine_for(name: str):
+    """Optimizer, shardings and train step on mesh ``name``, built once (`train.stage.build_engine`)."""
+    return build_engine(CFG, optim_for(name), mesh_for(name), total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK)
+
+
 def fresh_state(name: str):
     """A new state on mesh ``name`` from the shared initial params (fresh buffers: safe to donate)."""
-    return init_state(CFG, optim_for(name), jax.random.key(0), mesh_for(name), params=host_params())
+    return engine_for(name).init(jax.random.key(0), params=host_params())
 
 
-@functools.cache
 def step_for(name: str):
-    return make_train_step(CFG, optim_for(name), mesh_for(name), total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK)
+    return engine_for(name).train_step
 
 
 def iterator(num_shards: int, seed: int = 0):

@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_fixtures import CFG, fresh_state, iterator, mesh_for, num_shards, optim_for, rel_err, step_for
+from engine_fixtures import engine_for, fresh_state, iterator, mesh_for, num_shards, rel_err, step_for
 
 from train.checkpoint import Checkpointer, CheckpointError
-from train.state import abstract_state
 
 N, K = 4, 2  # steps in all; the save happens after step K
 RUN = "fsdp"  # fsdp=2 × tensor=2 × sequence=2, 2 micro-batches: the most sharded state
@@ -59,7 +58,7 @@ def test_kill_and_resume_reproduces_the_loss_sequence_bitwise(interrupted_run):
 
     ck = Checkpointer(directory)
     assert ck.latest_step() == K
-    state, meta = ck.restore(None, abstract_state(CFG, optim_for(RUN), mesh_for(RUN)))
+    state, meta = ck.restore(None, engine_for(RUN).restore_target)
     assert meta["stage"] == 0 and meta["step"] == K
     assert meta["rng"] == jax.random.key_data(jax.random.key(1234)).tolist()
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(snaps[K]), strict=True):
@@ -80,7 +79,7 @@ def test_restore_onto_another_mesh_shape_and_continue(interrupted_run):
     """Written on fsdp=2 × tensor=2 × sequence=2, read onto data=2 × sequence=4 (zigzag over 4 shards)."""
     directory, _ = interrupted_run
     straight, snaps = _straight_run()
-    target = abstract_state(CFG, optim_for("ring"), mesh_for("ring"))
+    target = engine_for("ring").restore_target
     state, meta = Checkpointer(directory, read_only=True).restore(K, target)
     for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(target), strict=True):
         assert leaf.sharding == want.sharding and leaf.sharding.mesh == mesh_for("ring")

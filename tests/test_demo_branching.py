@@ -17,7 +17,8 @@ import pytest
 import convert
 from model.config import ConfigError
 from train.config import from_dict, validate
-from train.curriculum import run, stage_depth
+from train.curriculum import run
+from train.stage import stage_depth
 
 SOURCE = {"kind": "synthetic", "task": "passkey", "template": "short", "min_length": 110, "max_length": 128}
 BASE = {

@@ -1,7 +1,5 @@
 """The synthetic-data generator: determinism, exact lengths, needle placement, answers, haystacks."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -116,12 +114,15 @@ def test_bad_inputs():
         niah_sample(TOK, 1000, 0.5, haystack="/nonexistent/haystack.txt")
 
 
-def test_fast_enough_for_training_mixes():
-    passkey_sample(TOK, 2048, 0.5, rng=0)  # warm the token-stream cache
-    t0 = time.perf_counter()
-    for i in range(500):
-        niah_sample(TOK, 2048, (i % 11) / 10, rng=i)
-    assert (time.perf_counter() - t0) / 500 < 0.05
+def test_niah_over_the_depth_grid_keeps_length_and_order():
+    """The training-mix workload (2048 tokens, depths 0.0–1.0): exact lengths, needles in depth order.
+
+    Its speed (under 50 ms a prompt) is a benchmark: ``python -m benchmarks.synthetic_speed``.
+    """
+    samples = [niah_sample(TOK, 2048, i / 10, rng=i) for i in range(11)]
+    assert all(len(s.prompt_ids) == 2048 for s in samples)
+    starts = [s.metadata["needle_token_starts"][0] for s in samples]
+    assert starts == sorted(starts) and starts[0] < starts[-1]
 
 
 def test_loss_mask_marks_answer_targets():

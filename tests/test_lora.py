@@ -28,8 +28,8 @@ from model.config import ConfigError
 from model.params import abstract_params, init_params, logical_axes
 from sharding.rules import param_shardings
 from train.checkpoint import Checkpointer
-from train.state import abstract_state, frozen_params, full_params, init_state, merged_params
-from train.step import make_train_step
+from train.stage import build_engine
+from train.state import full_params
 
 ALL = tuple(lora_lib.TARGETS)
 LORA = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=ALL)
@@ -95,8 +95,14 @@ def test_adapter_names_and_shardings_follow_their_base_weights():
     assert shapes["lora_a"].shape == (CFG.num_layers, CFG.num_heads, CFG.head_dim, 4)
 
 
+@functools.cache
+def _lora_engine(name: str, lora=LORA, donate: bool = True):
+    return build_engine(CFG, optim_for(name), mesh_for(name), total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK,
+                        lora=lora, donate=donate)  # fmt: skip
+
+
 def _lora_state(name: str, lora=LORA):
-    return init_state(CFG, optim_for(name), jax.random.key(7), mesh_for(name), params=host_params(), lora=lora)
+    return _lora_engine(name, lora).init(jax.random.key(7), params=host_params())
 
 
 @functools.cache
@@ -104,8 +110,7 @@ def _lora_steps(name: str, steps: int = 2):
     """(metrics per step, initial state, final state) on mesh ``name``, as numpy."""
     state = _lora_state(name)
     start = jax.device_get(state)
-    step = make_train_step(CFG, optim_for(name), mesh_for(name), total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK,
-                           lora=LORA)  # fmt: skip
+    step = _lora_engine(name).train_step
     it = iterator(num_shards(name))
     metrics = []
     for _ in range(steps):
@@ -147,7 +152,7 @@ def test_frozen_base_in_bf16_and_no_embeddings_or_norms():
     leaves = {_keys(p)[-2:] for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert leaves == {("q_proj", "lora_a"), ("q_proj", "lora_b"), ("v_proj", "lora_a"), ("v_proj", "lora_b")}
     # Merged params: the base (cast back to param_dtype) plus zero updates.
-    merged = jax.device_get(merged_params(state, CFG, lora, mesh_for("single")))
+    merged = jax.device_get(_lora_engine("single", lora).merged(state))
     base = host_params()
     np.testing.assert_array_equal(merged["embed_tokens"]["embedding"],
                                   np.asarray(jnp.asarray(base["embed_tokens"]["embedding"]).astype(jnp.bfloat16)
@@ -180,21 +185,19 @@ def _rel_err(a, b) -> float:
 
 
 def test_checkpoint_holds_only_the_trainable_state_and_resumes(tmp_path):
-    name = "single"
-    mesh = mesh_for(name)
-    step = make_train_step(CFG, optim_for(name), mesh, total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK, lora=LORA,
-                           donate=False)  # fmt: skip
+    engine = _lora_engine("single", LORA, donate=False)
+    step = engine.train_step
     it = iterator(1, seed=3)
     batches = [next(it) for _ in range(3)]
-    state, _ = step(_lora_state(name), batches[0])
+    state, _ = step(_lora_state("single"), batches[0])
     with Checkpointer(tmp_path / "ck", async_save=False) as ck:
         ck.save(1, state, {"note": "lora"})
-        restored, _ = ck.restore(1, abstract_state(CFG, optim_for(name), mesh, LORA))
+        restored, _ = ck.restore(1, engine.restore_target)
     assert restored.frozen is None
     stored = sum(f.stat().st_size for f in (tmp_path / "ck").rglob("*") if f.is_file())
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.device_get(state.frozen)))
     assert stored < base_bytes  # the base is not in the checkpoint
-    restored = restored.replace(frozen=frozen_params(CFG, LORA, mesh, base=host_params()))
+    restored = restored.replace(frozen=engine.frozen(base=host_params()))
     a, b = state, restored
     for batch in batches[1:]:
         (a, ma), (b, mb) = step(a, batch), step(b, batch)
@@ -295,6 +298,44 @@ def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache
     assert (tmp_path / "a" / "peft" / "adapter_model.safetensors").is_file()
 
 
+def test_runner_lora_branch_after_resume_starts_from_its_source(tmp_path, compile_cache):
+    """``from:`` + ``--resume`` on a LoRA run (the branch source is restored from its stage-end checkpoint
+    with the LoRA layout and its frozen base re-attached): the resumed run repeats the uninterrupted
+    losses, and two identical branches from one stage train identically, so each started from that stage."""
+    from train.config import from_dict
+    from train.curriculum import run
+    from train.metrics import read_metrics
+
+    s1 = {"name": "s1", "seq_len": 32, "steps": 2, "batch_size": 4}
+    raw = {
+        "model": {"preset": "tiny", "hidden_size": 32, "intermediate_size": 64, "head_dim": 8,
+                  "max_position_embeddings": 32},
+        "data": {"sources": [{"kind": "synthetic", "task": "prose"}]},
+        "mesh": {"data": 1, "fsdp": 2, "tensor": 2, "sequence": 2},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "stages": [s1, {**s1, "name": "a", "steps": 1, "from": "s1"}, {**s1, "name": "b", "steps": 1, "from": "s1"}],
+        "lora": {"rank": 2, "alpha": 4, "targets": ["q", "v"]},
+        "checkpoint": {"every": 0, "keep": 5, "async_save": False},
+        "eval": {"heldout_batches": 0},
+        "loss_chunk": 32,
+        "progress": False,
+        "tensorboard": False,
+    }  # fmt: skip
+    cfg = from_dict(raw)
+    quiet = lambda *a, **k: None  # noqa: E731
+
+    def losses(d):
+        return [(r["stage"], r["loss"]) for r in read_metrics(str(d / "metrics.jsonl")) if r["kind"] == "train"]
+
+    run(cfg, run_dir=str(tmp_path / "a"), say=quiet)
+    run(cfg, run_dir=str(tmp_path / "b"), stop_after=3, say=quiet)  # stops at the end of branch a
+    run(cfg, run_dir=str(tmp_path / "b"), resume=True, say=quiet)  # b restores s1's stage-end checkpoint
+    straight = losses(tmp_path / "a")
+    assert [name for name, _ in straight] == ["s1", "s1", "a", "b"]
+    assert straight[2][1] == straight[3][1]  # a and b: the same start, data and config
+    assert losses(tmp_path / "b") == straight
+
+
 @pytest.mark.parametrize(
     "lora",
     [lora_lib.LoraConfig(rank=8), lora_lib.LoraConfig(rank=8, train_embeddings=False, train_norms=False,
@@ -308,16 +349,14 @@ def test_planner_counts_lora_like_xla(lora):
     from sharding.planner import plan_memory
     from sharding.rules import batch_sharding
     from train.optim import OptimConfig
-    from train.state import state_shardings
     from train.step import BATCH_KEYS
 
     cfg = CFG.replace(remat_policy="full")
     mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2, sequence=1)
     mesh = make_mesh(mesh_cfg)
     optim, (b, t) = OptimConfig(), (8, 128)
-    step = make_train_step(cfg, optim, mesh, total_steps=4, loss_chunk=64, lora=lora)
-    sh = state_shardings(cfg, optim, mesh, lora)
-    state = abstract_state(cfg, optim, mesh, lora, with_frozen=True)
+    engine = build_engine(cfg, optim, mesh, total_steps=4, loss_chunk=64, lora=lora)
+    step, sh, state = engine.train_step, engine.shardings, engine.abstract
     batch = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "loss_mask" else np.int32,
                                      sharding=batch_sharding(mesh, (b, t))) for k in BATCH_KEYS}  # fmt: skip
     jitted = jax.jit(step.step_fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}),

@@ -1,4 +1,4 @@
-"""The Flax Llama is the transformers Llama: logits parity (fp32, max |Δ| ≤ 1e-4) across rope types,
+"""The Flax Llama is the transformers Llama: logits parity (fp32, max |Δ| ≤ 1e-6·max |logit|) across rope types,
 GQA ratios, tied heads, odd head sizes, scanned/unrolled and rematerialised layers, packed
 documents; gradients through remat; parameter logical axes; bf16 compute.
 
@@ -26,7 +26,13 @@ from hf_fixtures import (
 import model
 from convert import names
 
-TOL = 1e-4  # fp32 parity bound from the issue
+# fp32 parity, relative to the largest reference value: max |Δ| ≤ RTOL · max |ref|. Measured on CPU
+# (jax 0.10, torch 2.13, one torch thread): logits ≤ 4.6e-7 (gqa_ratio4), packed documents ≤ 5.0e-7,
+# gradients ≤ 5.7e-7 — a few fp32 ulps (2^-23 ≈ 1.2e-7). A wrong rope or a transposed tensor moves
+# them by O(1).
+RTOL = 1e-6
+# A change no fp32 parity check here would allow: what "the test can tell" checks must exceed.
+VISIBLE = 1e-4
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 LONGROPE = {
@@ -150,7 +156,7 @@ def test_logits_match_transformers(name):
         assert got.shape == ref.shape == (2, toks.shape[1], 128)
         err = float(np.max(np.abs(got - ref)))
         where = "default positions" if positions is None else f"largest position {positions.max()}"
-        assert err <= TOL, f"{name}, {where}: max |Δ| {err:.2e}"
+        assert err <= RTOL * np.max(np.abs(ref)), f"{name}, {where}: max |Δ| {err:.2e}"
 
 
 def test_position_offsets_matter_only_where_the_rope_says_so():
@@ -162,7 +168,7 @@ def test_position_offsets_matter_only_where_the_rope_says_so():
         near = ours(cfg, params, toks, jnp.asarray(base))
         far = ours(cfg, params, toks, jnp.asarray(base + shift))
         change = float(np.max(np.abs(far - near)))
-        assert (change > 10 * TOL) if changes else (change <= TOL), (name, change)
+        assert (change > 10 * VISIBLE) if changes else (change <= RTOL * np.max(np.abs(near))), (name, change)
 
 
 # ----------------------------------------------------------------------------- packed documents
@@ -189,7 +195,7 @@ def test_packed_documents_equal_separate_runs(llama3_pair):
         for n in row:
             alone = hf_logits(hf, toks[r : r + 1, start : start + n])[0]
             err = np.max(np.abs(packed[r, start : start + n] - alone))
-            assert err <= TOL, (r, start, err)
+            assert err <= RTOL * np.max(np.abs(alone)), (r, start, err)
             start += n
     # Without segment ids the later documents see the earlier ones: the test can tell.
     unmasked = ours(cfg, params, toks, jnp.asarray(positions), None)
@@ -220,7 +226,7 @@ def test_gradients_with_remat_match_torch(llama3_pair):
         got = names.flax_to_hf(hf_name, np.asarray(names.get_param(grads, rule, layer, cfg)), rule, cfg)
         scale = np.max(np.abs(ref[hf_name]))
         assert scale > 0
-        np.testing.assert_allclose(got, ref[hf_name], atol=1e-4 * scale, rtol=0, err_msg=hf_name)
+        np.testing.assert_allclose(got, ref[hf_name], atol=RTOL * scale, rtol=0, err_msg=hf_name)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -283,6 +289,6 @@ def test_bf16_compute_stays_close_to_fp32(llama3_pair, param_dtype):
     assert out.dtype == jnp.bfloat16
     err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
     assert err <= BF16_BOUND * np.max(np.abs(ref)), err
-    assert err > TOL  # it really ran in bf16
+    assert err > VISIBLE  # it really ran in bf16
     # The greedy choice agrees almost everywhere (ties within bf16 resolution may flip).
     assert np.mean(np.argmax(np.asarray(out, np.float32), -1) == np.argmax(ref, -1)) >= 0.9

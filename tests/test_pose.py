@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from engine_fixtures import BATCH, CFG, DATA, SEQ, host_params, mesh_for, optim_for, step_for
+from engine_fixtures import BATCH, CFG, DATA, SEQ, engine_for, host_params, step_for
 
 import model
 from attention.layout import from_layout
@@ -17,13 +17,12 @@ from model.config import ConfigError
 from sharding.mesh import make_mesh
 from train import cli
 from train.config import dump_config, from_dict, validate
-from train.curriculum import _data_seed, run
+from train.curriculum import run
 from train.data import make_iterator
 from train.metrics import read_metrics
 from train.packing import pack_documents
 from train.pose import PoseConfig, apply_pose, chunk_positions, draw_chunks, draw_pose_positions, pose_rng
-from train.state import init_state
-from train.step import make_train_step
+from train.stage import build_engine, data_seed
 
 POSE = PoseConfig(target_length=512, chunks=2)
 
@@ -163,7 +162,7 @@ def test_pose_loss_through_the_ring_step_equals_explicit_positions():
     """A zigzag PoSE batch through the data=2 × sequence=4 ring train step = the model at hand-built positions."""
     it = make_iterator(DATA, SEQ, BATCH, 0, pose=POSE, layout="zigzag", num_shards=4)
     batch = next(it)
-    state = init_state(CFG, optim_for("ring"), jax.random.key(0), mesh_for("ring"), params=_sharp_params())
+    state = engine_for("ring").init(jax.random.key(0), params=_sharp_params())
     _, metrics = step_for("ring")(state, batch)
     plain = next(make_iterator(DATA, SEQ, BATCH, 0))
     starts, skips = draw_chunks(pose_rng(0, 0), BATCH, SEQ, POSE.target_length, POSE.chunks)
@@ -273,12 +272,12 @@ def test_curriculum_trains_on_pose_batches_and_writes_the_target_length(tmp_path
 
     plan = validate(cfg, num_devices=8)[0]
     mesh = make_mesh(plan.mesh)
-    step = make_train_step(plan.model, plan.optim, mesh, total_steps=1, loss_chunk=32)
+    engine = build_engine(plan.model, plan.optim, mesh, total_steps=1, loss_chunk=32)
 
     def first_loss(pose):
-        it = make_iterator(plan.data, 32, 8, _data_seed(cfg.seed, 0), pose=pose)
-        state = init_state(plan.model, plan.optim, jax.random.fold_in(jax.random.key(cfg.seed), 0), mesh)
-        return float(step(state, next(it))[1]["loss"])
+        it = make_iterator(plan.data, 32, 8, data_seed(cfg.seed, 0), pose=pose)
+        state = engine.init(jax.random.fold_in(jax.random.key(cfg.seed), 0))
+        return float(engine.train_step(state, next(it))[1]["loss"])
 
     assert logged == [first_loss(plan.stage.pose)]
     assert logged != [first_loss(None)]  # the runner did not train on the packed positions

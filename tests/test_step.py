@@ -13,6 +13,7 @@ from engine_fixtures import (
     LOSS_CHUNK,
     OPTIM,
     TOTAL_STEPS,
+    engine_for,
     fresh_state,
     host_params,
     iterator,
@@ -28,8 +29,8 @@ from model.config import ConfigError
 from train.flops import flops_per_token, matmul_params, train_step_flops
 from train.guards import NonFiniteError, check_finite
 from train.optim import OptimConfig, apply_updates, decay_mask, make_optimizer, make_schedule
-from train.state import init_state, state_shardings
-from train.step import make_eval_step, make_train_step
+from train.stage import build_engine
+from train.step import make_eval_step
 
 
 @functools.cache
@@ -53,11 +54,18 @@ def test_sharded_step_equals_single_device(name):
     assert rel_err(state.params, ref_state.params) <= 1e-5
     assert rel_err(state.opt_state, ref_state.opt_state) <= 1e-5
     assert int(state.step) == 1
-    # The new state comes back sharded by the rules table (FSDP on embed, heads over tensor).
-    want = state_shardings(CFG, optim_for(name), mesh_for(name))
+    # The new state comes back sharded as the engine's state (the jit's out_shardings)...
+    want = engine_for(name).shardings
     assert jax.tree.leaves(shardings.params) == jax.tree.leaves(want.params)
-    q_spec = shardings.params["layers"]["attn"]["q_proj"]["kernel"].spec
-    assert q_spec == (jax.sharding.PartitionSpec(None, "fsdp", "tensor", None) if name == "fsdp" else q_spec)
+    # ...which is the rules table's: q_proj [layers, embed, heads, head_dim] has FSDP on embed and heads
+    # over tensor. The ring mesh (fsdp = tensor = 1) keeps the whole kernel on every device; the fsdp
+    # mesh (fsdp = tensor = 2) halves embed and heads.
+    q_sh = shardings.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert q_sh.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    full = (CFG.num_layers, CFG.hidden_size, CFG.num_heads, CFG.head_dim)
+    per_device = (full[0], full[1] // 2, full[2] // 2, full[3]) if name == "fsdp" else full
+    assert q_sh.shard_shape(full) == per_device
+    assert q_sh.mesh.shape == mesh_for(name).shape
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -77,7 +85,7 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_nonfinite_step_is_refused_and_guard_names_the_step():
     params = jax.tree.map(np.copy, host_params())
     params["norm"]["scale"][3] = np.nan  # every hidden state, so the loss, becomes NaN
-    state = init_state(CFG, OPTIM, jax.random.key(0), mesh_for("single"), params=params)
+    state = engine_for("single").init(jax.random.key(0), params=params)
     before = jax.device_get(state)
     new, metrics = step_for("single")(state, next(iterator(1)))
     assert not bool(metrics["finite"])
@@ -179,11 +187,12 @@ def test_flops_formula_matches_xla_count_of_forward():
 def test_eval_step_gives_the_train_loss_sums():
     ref_m, _, _ = _one_step("single", 2)  # the train step's loss at the initial params
     batch = next(iterator(2))
-    weighted = make_eval_step(CFG, mesh_for("single"), loss_chunk=LOSS_CHUNK, weighted=True)
+    p_sh = engine_for("single").base_shardings
+    weighted = make_eval_step(CFG, mesh_for("single"), p_sh, loss_chunk=LOSS_CHUNK, weighted=True)
     loss_sum, weight = jax.device_get(weighted(host_params(), batch))
     np.testing.assert_allclose(loss_sum / max(weight, 1.0), ref_m["loss"], rtol=1e-6)
     # Perplexity counts each target token once, ignoring the answer-token weights of the data pipeline.
-    plain = make_eval_step(CFG, mesh_for("single"), loss_chunk=LOSS_CHUNK)
+    plain = make_eval_step(CFG, mesh_for("single"), p_sh, loss_chunk=LOSS_CHUNK)
     _, count = jax.device_get(plain(host_params(), batch))
     assert count == ref_m["tokens"]
     it = iterator(2)
@@ -196,9 +205,8 @@ def test_eval_step_gives_the_train_loss_sums():
 def test_bf16_compute_keeps_fp32_master_params():
     cfg = CFG.replace(dtype="bfloat16")  # param_dtype stays float32
     mesh = mesh_for("single")
-    state = init_state(cfg, OPTIM, jax.random.key(0), mesh, params=host_params())
-    step = make_train_step(cfg, OPTIM, mesh, total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK)
-    state, metrics = step(state, next(iterator(2)))
+    engine = build_engine(cfg, OPTIM, mesh, total_steps=TOTAL_STEPS, loss_chunk=LOSS_CHUNK)
+    state, metrics = engine.train_step(engine.init(jax.random.key(0), params=host_params()), next(iterator(2)))
     ref_m, ref_state, _ = _one_step("single", 2)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)

@@ -27,9 +27,7 @@ from train.config import from_dict, validate
 from train.curriculum import run
 from train.data import make_iterator
 from train.metrics import read_metrics
-from train.runtime import move_state
-from train.state import abstract_state
-from train.step import make_eval_step
+from train.stage import build_stage, move_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW = {
@@ -88,7 +86,21 @@ def test_stage_transition_changes_theta_and_length_and_keeps_params(reference):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert {(r["stage"], r["seq_len"], r["theta"]) for r in records} == {("short", 32, 500.0), ("long", 64, theta2)}
     assert all(math.isfinite(r[k]) for r in records for k in ("loss", "grad_norm", "lr", "tokens_per_sec", "mfu"))
-    assert records[3]["lr"] < records[2]["lr"] or records[3]["lr"] <= 1e-3  # stage 2 restarts its own schedule
+
+    # Each stage runs its own warmup + cosine over its own 3 steps (state.step restarts at 0), by hand:
+    # lr·(step + 1)/warmup while step < warmup (= 1), then floor + (lr − floor)·½(1 + cos(π·(step − 1)/2)),
+    # floor = 0.1·lr. Stage 2's first step is its warmup start at its own peak 1e-3, not stage 1's
+    # continuation (which would sit at the floor 3e-4) nor 1e-3's floor; the peak holds at step 1 and
+    # step 2 is the cosine midpoint of stage 2's own horizon.
+    def by_hand(lr, step, warmup=1, total=3, floor_ratio=0.1):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+        return lr * floor_ratio + (lr - lr * floor_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    want = [by_hand(3e-3, s) for s in range(3)] + [by_hand(1e-3, s) for s in range(3)]
+    assert want[3:] == pytest.approx([1e-3, 1e-3, 5.5e-4], rel=1e-12)
+    np.testing.assert_allclose([r["lr"] for r in records], want, rtol=1e-6)
 
     # The final config (ringllama checkpoint and report) carries the new θ and max positions.
     final = convert.read_config(os.path.join(run_dir, "final"))
@@ -103,14 +115,15 @@ def test_stage_transition_changes_theta_and_length_and_keeps_params(reference):
     # batch under stage 2's θ — computed here independently from the stage-1 checkpoint.
     mesh = jax.make_mesh((2, 1, 1, 4), ("data", "fsdp", "tensor", "sequence"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)  # fmt: skip
+    short, long = (build_stage(cfg, plans, p, with_data=False, mesh=mesh) for p in plans)
     with Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True) as ck:
-        state, meta = ck.restore(3, abstract_state(plans[0].model, plans[0].optim, mesh))
+        state, meta = ck.restore(3, short.engine.restore_target)
     assert meta["stage_name"] == "short" and meta["model"]["rope"]["theta"] == 500.0
-    moved = move_state(state, plans[0], plans[1], mesh, say=lambda *a: None)
+    moved = move_state(state, long, say=lambda *a: None)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state.params, moved.params)
     assert all(jax.tree.leaves(same)) and int(moved.step) == 0
     batch = next(make_iterator(plans[1].data, 64, 2, 0 * 1009 + 1, layout="zigzag", num_shards=4))
-    loss_sum, count = make_eval_step(plans[1].model, mesh, loss_chunk=32)(moved.params, batch)
+    loss_sum, count = long.engine.eval_step(64)(moved.params, batch)
     np.testing.assert_allclose(float(loss_sum) / float(count), records[3]["loss"], rtol=1e-6)
 
 

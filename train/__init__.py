@@ -6,8 +6,9 @@
 
 Pieces: the data pipeline (`DataConfig`, `make_iterator`, `heldout_batches`, `pack_documents`,
 PoSE positions `PoseConfig` / `pose_batch`),
-the engine (`OptimConfig`, `TrainState`, `init_state`, `make_train_step`, `make_eval_step`,
-`chunked_cross_entropy`, `Checkpointer`, `check_finite`), and the runner (`TrainConfig`,
+the engine (`OptimConfig`, `TrainState`, `build_engine` — optimizer, shardings and jitted steps built
+once — `chunked_cross_entropy`, `Checkpointer`, `check_finite`), a stage ready to run (`build_stage`,
+`StageRun`), and the runner (`TrainConfig`,
 `StageConfig`, `validate`, `run`, `MetricsLogger`).
 """
 
@@ -36,6 +37,7 @@ from train.optim import OptimConfig, make_optimizer, make_schedule
 from train.packing import pack_documents, unpack_documents
 from train.pose import PoseConfig, apply_pose, draw_pose_positions, pose_batch
 from train.report import RunResult
+from train.stage import Engine, StageRun, build_engine, build_stage, move_state, stage_depth
 from train.state import (
     TrainState,
     abstract_state,
@@ -54,6 +56,7 @@ __all__ = [
     "Checkpointer",
     "DataConfig",
     "DataError",
+    "Engine",
     "EvalConfig",
     "ExportConfig",
     "MetricsLogger",
@@ -62,12 +65,15 @@ __all__ = [
     "PoseConfig",
     "RunResult",
     "SourceConfig",
+    "StageRun",
     "StageConfig",
     "StagePlan",
     "TrainConfig",
     "TrainState",
     "abstract_state",
     "apply_pose",
+    "build_engine",
+    "build_stage",
     "check_finite",
     "chunked_cross_entropy",
     "config_help",
@@ -88,11 +94,13 @@ __all__ = [
     "make_train_step",
     "mfu",
     "model_config",
+    "move_state",
     "pack_documents",
     "plot_run",
     "pose_batch",
     "read_metrics",
     "run",
+    "stage_depth",
     "state_shardings",
     "train_step_flops",
     "unpack_documents",

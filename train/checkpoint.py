@@ -12,7 +12,7 @@ the runner needs to resume exactly). Properties the trainer relies on:
   checkpoint; `latest_step` only sees committed steps and leftover tmp dirs are removed when the
   directory is next opened.
 - **Any mesh**: `restore` reads into an abstract target (``jax.ShapeDtypeStruct`` with the
-  *current* mesh's shardings, `train.state.abstract_state`), so a checkpoint written on one mesh
+  *current* mesh's shardings, `train.stage.Engine.restore_target`), so a checkpoint written on one mesh
   shape restores onto another.
 - **Keep-N**: older steps beyond ``keep`` are deleted after a newer one is committed.
 - **LoRA**: a state's ``frozen`` base is never written (only adapters, trainable leaves, moments and
@@ -105,7 +105,7 @@ class Checkpointer:
         Args:
             step: the step to read, or ``None`` for the newest committed one.
             abstract_state: the target tree of ``jax.ShapeDtypeStruct`` carrying shardings for the
-                current mesh (`train.state.abstract_state`); it may differ from the writer's mesh.
+                current mesh (`train.stage.Engine.restore_target`); it may differ from the writer's mesh.
         """
         step = self._resolve(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())

@@ -3,18 +3,18 @@
     result = run(load_config("configs/demo.yaml"), run_dir="runs/demo")
 
 Per stage: the model config gets the stage's θ and max positions (`train.config.validate`),
-the train step is built for the stage's mesh, params (and, if ``carry_optimizer_state``, Adam's
-moments) move over from the previous stage — resharded when the mesh changes — and the
-learning-rate schedule restarts (``state.step`` counts steps within the stage). Every
-``checkpoint.every`` global steps and at each stage end an orbax checkpoint stores the state
-plus what exact resumption needs: stage, steps, data-iterator position, RNG and the configs.
+`train.stage.build_stage` builds its mesh, optimizer, shardings, steps and data iterator once,
+params (and, if ``carry_optimizer_state``, Adam's moments) move over from the previous stage —
+resharded when the mesh changes — and the learning-rate schedule restarts (``state.step`` counts
+steps within the stage). Every ``checkpoint.every`` global steps and at each stage end an orbax
+checkpoint stores the state plus what exact resumption needs: stage, steps, data-iterator position, RNG and the configs.
 Each stage ends with held-out perplexity at its own length and the next stage's, and the
 passkey grid when configured (`train.stage_eval`).
 
 Branches: a stage with ``from: NAME`` starts from the final state of the earlier stage NAME
 (bitwise: a host copy taken when NAME ended, or its stage-end checkpoint after ``--resume``)
 instead of the stage before it; its θ rule and max positions continue from NAME too, and its
-data stream is seeded by its depth in the tree (`stage_depth`), so sibling branches — say, a
+data stream is seeded by its depth in the tree (`train.stage.stage_depth`), so sibling branches — say, a
 θ-scaled stage 2 and a control with θ unchanged — read the same documents in the same order.
 
 The final model — the last stage listed — is saved as a ringllama checkpoint
@@ -38,19 +38,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from convert.checkpoint import is_hf_checkpoint, is_ringllama_checkpoint, read_config
+from convert.names import ConversionError
+from convert.peft import save_lora_checkpoint, save_peft
 from model.config import ConfigError, LlamaConfig
-from sharding.mesh import make_mesh
 from train import metrics as M
 from train.checkpoint import Checkpointer
 from train.config import StagePlan, TrainConfig, dump_config, model_config, start_plan, validate
-from train.data import make_iterator
 from train.flops import train_step_flops
 from train.guards import check_finite
 from train.report import Reporter, RunResult
-from train.runtime import check_memory, init_from_model, move_state
-from train.state import abstract_state, init_state
-from train.step import make_train_step
+from train.runtime import check_memory, init_from_model
+from train.stage import Engine, StageRun, build_stage, move_state
+from train.state import TrainState, full_params
 
 # Model-config fields that describe how to run, not what the model is: a config's values for
 # these apply on top of an --init-from checkpoint's own config.
@@ -61,8 +63,6 @@ def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
     """The model the first stage starts from: the config's, or an --init-from checkpoint's with exec fields."""
     if init_from is None:
         return model_config(cfg)
-    from convert.checkpoint import is_hf_checkpoint, is_ringllama_checkpoint, read_config
-
     if is_ringllama_checkpoint(init_from):
         loaded = read_config(init_from)
     elif is_hf_checkpoint(init_from):
@@ -76,20 +76,22 @@ def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
     return loaded.replace(**{k: getattr(ours, k) for k in EXEC_FIELDS if k in cfg.model})
 
 
-def _data_seed(seed: int, stage: int) -> int:
-    return seed * 1009 + stage  # a distinct, deterministic stream per stage
+@dataclasses.dataclass(frozen=True)
+class _RunContext:
+    """What every stage of one run shares: where it writes, what it resumes from, how it reports."""
 
-
-def stage_depth(plans: list[StagePlan], plan: StagePlan) -> int:
-    """How many stages precede ``plan`` on its branch (its index in a linear curriculum).
-
-    The data stream is seeded by this depth, so sibling branches (``from_stage`` the same stage)
-    train on the same documents in the same order: an ablation changes only what its config changes.
-    """
-    depth, start = 0, start_plan(plans, plan)
-    while start is not None:
-        depth, start = depth + 1, start_plan(plans, start)
-    return depth
+    cfg: TrainConfig
+    plans: list[StagePlan]
+    ckptr: Checkpointer
+    logger: M.MetricsLogger
+    base: LlamaConfig  # the first stage's model (checkpoint metadata: what a resume validates against)
+    rng: np.ndarray  # the run's key data: the init key and a LoRA run's random base derive from it
+    peak: float | None  # device peak TFLOP/s for the MFU column
+    init_from: str | None
+    lora_base: str | None  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
+    stop_after: int | None
+    lead: bool
+    say: Any
 
 
 def run(
@@ -159,46 +161,43 @@ def run(
     if meta:
         say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
 
+    ctx = _RunContext(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say)
     state, prev_plan, last_saved = None, None, (global_step if meta else None)
     branch_points = {p.stage.from_stage for p in plans if p.stage.from_stage is not None}
     ends: dict[str, Any] = {}  # host copies of the stage-end states that later stages branch from
     try:
         for plan in plans[start_stage:]:
-            mesh = make_mesh(plan.mesh)
-            stage = plan.stage
+            training = stage_step < plan.stage.steps
+            stage = build_stage(cfg, plans, plan, with_data=training)
+            eng = stage.engine
             say(_stage_banner(plan))
             start = start_plan(plans, plan)
             if state is None and meta is not None:
-                state, _ = ckptr.restore(global_step, abstract_state(plan.model, plan.optim, mesh, cfg.lora))
-                if cfg.lora is not None:  # LoRA checkpoints hold no base: re-attach it
-                    state = state.replace(frozen=_lora_base(cfg, init_from, plan, mesh, rng, say))
+                state = _restore(ctx, global_step, eng)
             elif state is None and start is None:
                 key = jax.random.wrap_key_data(jnp.asarray(rng))
-                params = init_from_model(init_from, plan, mesh, say) if init_from else None
-                state = init_state(
-                    plan.model, plan.optim, jax.random.fold_in(key, 0), mesh, params=params, lora=cfg.lora
-                )
+                params = init_from_model(init_from, eng, say) if init_from else None
+                state = eng.init(jax.random.fold_in(key, 0), params=params)
                 del params  # a LoRA state holds its own (cast) frozen copy: free the loaded one
             elif start is not prev_plan:
                 say(f"{plan.name}: starts from the end of {start.name} (a branch)")
-                state = move_state(_branch_source(ends, start, plans, ckptr), start, plan, mesh, say, lora=cfg.lora)
+                state = move_state(_branch_source(ctx, ends, start), stage, say)
             else:
-                state = move_state(state, prev_plan, plan, mesh, say, lora=cfg.lora)
-            if stage_step < stage.steps:
-                resume_data = meta["data_state"] if meta is not None and stage_step > 0 else None
+                state = move_state(state, stage, say)
+            if training:
+                if meta is not None and stage_step > 0:
+                    stage.data.restore(meta["data_state"])
                 state, global_step, stage_step, last_saved = _train_stage(
-                    cfg, plan, mesh, state, ckptr, logger, base, rng, peak,
-                    global_step, stage_step, last_saved, resume_data, stop_after, lead, stage_depth(plans, plan), say,
-                    lora_base=lora_base,
-                )  # fmt: skip
-            more = stage_step < stage.steps or plan.index + 1 < len(plans)
-            if stage_step < stage.steps or (stop_after is not None and global_step >= stop_after and more):
+                    ctx, stage, state, global_step, stage_step, last_saved
+                )
+            more = stage_step < plan.stage.steps or plan.index + 1 < len(plans)
+            if stage_step < plan.stage.steps or (stop_after is not None and global_step >= stop_after and more):
                 ckptr.wait()
                 say(f"stopped after global step {global_step} as asked (--stop-after); continue with --resume.")
-                return reporter.finish(_merged_view(state, plan, mesh, cfg), plan, mesh, global_step, stopped=True)
+                return reporter.finish(_merged_view(state, eng), plan, stage.mesh, global_step, stopped=True)
             if not reporter.has_stage(plan.name):
                 nxt = plans[plan.index + 1] if plan.index + 1 < len(plans) else None
-                for record in reporter.end_of_stage(_merged_view(state, plan, mesh, cfg), plan, nxt, mesh, global_step):
+                for record in reporter.end_of_stage(_merged_view(state, eng), stage, nxt, global_step):
                     logger.log(record)
             # A host copy (the next stage's train step donates these buffers); a multi-process state
             # cannot be fetched to one host, so there the branch restores its stage-end checkpoint.
@@ -206,9 +205,8 @@ def run(
                 ends[plan.name] = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(state))
             prev_plan, stage_step, meta = plan, 0, None
         ckptr.wait()
-        final = plans[-1]
-        result = reporter.finish(_merged_view(state, final, mesh, cfg), final, make_mesh(final.mesh), global_step,
-                                 stopped=False)  # fmt: skip
+        final = plans[-1]  # the last stage built above
+        result = reporter.finish(_merged_view(state, stage.engine), final, stage.mesh, global_step, stopped=False)
         if cfg.lora is not None and lead and jax.process_count() > 1:
             say("multi-process run: the adapters are the last checkpoint in checkpoints/ (no lora/ or peft/ export)")
         elif cfg.lora is not None and lead:
@@ -221,46 +219,27 @@ def run(
     return result
 
 
-def _train_stage(
-    cfg, plan, mesh, state, ckptr, logger, base, rng, peak, global_step, stage_step, last_saved, resume_data,
-    stop_after, lead, depth, say, lora_base=None,
-):  # fmt: skip
-    """Train ``plan`` from ``stage_step`` to its end (or to ``stop_after``); returns the loop counters."""
-    stage = plan.stage
-    step_fn = make_train_step(
-        plan.model, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk, lora=cfg.lora
-    )
-    it = make_iterator(
-        plan.data,
-        stage.seq_len,
-        stage.batch_size,
-        _data_seed(cfg.seed, depth),
-        layout=plan.layout,
-        num_shards=dict(mesh.shape)["sequence"],
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        pose=stage.pose,
-    )
-    if resume_data is not None:
-        it.restore(resume_data)
-    flops = train_step_flops(plan.model, stage.seq_len, stage.batch_size)
-    tokens = stage.batch_size * stage.seq_len
-    ckpt_dir = ckptr.directory
-    bar = _progress(cfg.progress and lead, stage.steps, stage_step, plan.name, say)
+def _train_stage(ctx: _RunContext, stage: StageRun, state: TrainState, global_step: int, stage_step: int, last_saved):
+    """Train ``stage`` from ``stage_step`` to its end (or to ``--stop-after``); returns the loop counters."""
+    cfg, plan, it = ctx.cfg, stage.plan, stage.data
+    steps, seq_len, batch_size = plan.stage.steps, plan.stage.seq_len, plan.stage.batch_size
+    flops = train_step_flops(plan.model, seq_len, batch_size)
+    tokens = batch_size * seq_len
+    bar = _progress(cfg.progress and ctx.lead, steps, stage_step, plan.name, ctx.say)
     timer, first = M.StepTimer(), True
     batch = next(it)
     data_state = it.state()  # the position after `batch`: where a resume after this step continues
-    while stage_step < stage.steps:
-        state, metrics = step_fn(state, batch)
+    while stage_step < steps:
+        state, metrics = stage.engine.train_step(state, batch)
         stage_step += 1
         global_step += 1
         done_state = data_state
-        if stage_step < stage.steps:  # prepare the next batch while the device works
+        if stage_step < steps:  # prepare the next batch while the device works
             batch = next(it)
             data_state = it.state()
         metrics = jax.device_get(metrics)
         dt = timer.tick()
-        check_finite(metrics, global_step, last_saved, ckpt_dir)
+        check_finite(metrics, global_step, last_saved, ctx.ckptr.directory)
         record = {
             "kind": "train",
             "stage": plan.name,
@@ -271,21 +250,21 @@ def _train_stage(
             "grad_norm": float(metrics["grad_norm"]),
             "lr": float(metrics["lr"]),
             "tokens_per_sec": tokens / dt,
-            "mfu": M.mfu(flops, dt, jax.device_count(), peak),
+            "mfu": M.mfu(flops, dt, jax.device_count(), ctx.peak),
             "step_time": dt,
-            "seq_len": stage.seq_len,
+            "seq_len": seq_len,
             "theta": plan.model.rope.theta,
             "includes_compile": first,
         }
         first = False
-        logger.log(record)
+        ctx.logger.log(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
         every = cfg.checkpoint.every
-        stopping = stop_after is not None and global_step >= stop_after
-        if stage_step == stage.steps or stopping or (every and global_step % every == 0):
-            _save(ckptr, global_step, state, plan, stage_step, rng, base, done_state, lora_base)
+        stopping = ctx.stop_after is not None and global_step >= ctx.stop_after
+        if stage_step == steps or stopping or (every and global_step % every == 0):
+            _save(ctx, plan, state, global_step, stage_step, done_state)
             last_saved = global_step
         if stopping:
             break
@@ -294,19 +273,27 @@ def _train_stage(
     return state, global_step, stage_step, last_saved
 
 
-def _branch_source(ends: dict[str, Any], src: StagePlan, plans: list[StagePlan], ckptr: Checkpointer):
+def _restore(ctx: _RunContext, step: int, eng: Engine) -> TrainState:
+    """The state of checkpoint ``step`` on ``eng``'s mesh; a LoRA run re-attaches its frozen base."""
+    state, _ = ctx.ckptr.restore(step, eng.restore_target)
+    if eng.lora is not None:  # LoRA checkpoints hold no base
+        state = state.replace(frozen=_lora_base(ctx, eng))
+    return state
+
+
+def _branch_source(ctx: _RunContext, ends: dict[str, Any], src: StagePlan) -> TrainState:
     """The end state of stage ``src``: kept from this run, or (after --resume) its stage-end checkpoint."""
     if src.name in ends:
         return ends[src.name]
-    end_step = sum(p.stage.steps for p in plans[: src.index + 1])
-    ckptr.wait()  # the stage-end save may still be in flight
-    if end_step not in ckptr.all_steps():
+    end_step = sum(p.stage.steps for p in ctx.plans[: src.index + 1])
+    ctx.ckptr.wait()  # the stage-end save may still be in flight
+    if end_step not in ctx.ckptr.all_steps():
         raise ConfigError(
             f"stage {src.name!r} is the start of a later branch but its stage-end checkpoint (global step "
             f"{end_step}) is gone: raise checkpoint.keep so that it survives, or rerun without --resume."
         )
-    state, _ = ckptr.restore(end_step, abstract_state(src.model, src.optim, make_mesh(src.mesh)))
-    return state
+    # Restored as ``src`` was trained: its mesh, its optimizer's state tree and, with LoRA, its layout.
+    return _restore(ctx, end_step, build_stage(ctx.cfg, ctx.plans, src, with_data=False).engine)
 
 
 def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -323,25 +310,23 @@ def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
-def _save(ckptr, global_step, state, plan: StagePlan, stage_step, rng, base, data_state, lora_base=None) -> None:
+def _save(ctx: _RunContext, plan: StagePlan, state, global_step: int, stage_step: int, data_state) -> None:
     meta = {
         "global_step": int(global_step),
         "stage": plan.index,
         "stage_name": plan.name,
         "stage_step": int(stage_step),
         "data_state": data_state,
-        "rng": np.asarray(rng).tolist(),
-        "base_model": base.to_dict(),
+        "rng": np.asarray(ctx.rng).tolist(),
+        "base_model": ctx.base.to_dict(),
         "model": plan.model.to_dict(),  # the config this state trains: its stage's θ and max positions
-        "lora_base": lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
+        "lora_base": ctx.lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
     }
     json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
-    ckptr.save(global_step, state, meta)
+    ctx.ckptr.save(global_step, state, meta)
 
 
 def _check_lora_base(saved: str | None, given: str | None) -> None:
@@ -353,30 +338,22 @@ def _check_lora_base(saved: str | None, given: str | None) -> None:
     raise ConfigError(f"this LoRA run adapts {saved}: resume it with --init-from {saved}.")
 
 
-def _lora_base(cfg: TrainConfig, init_from: str | None, plan: StagePlan, mesh, rng, say):
-    """The frozen base of a resumed LoRA run: ``--init-from`` again, or the seed's random base (as at the start)."""
-    from train.state import frozen_params
-
-    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rng)), 0)  # the key init_state was given
-    base = init_from_model(init_from, plan, mesh, say) if init_from else None
-    return frozen_params(plan.model, cfg.lora, mesh, base=base, key=key)
+def _lora_base(ctx: _RunContext, eng: Engine):
+    """The frozen base of a restored LoRA state: ``--init-from`` again, or the seed's random base (as at the start)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(ctx.rng)), 0)  # the key the init was given
+    base = init_from_model(ctx.init_from, eng, ctx.say) if ctx.init_from else None
+    return eng.frozen(base=base, key=key)
 
 
-def _merged_view(state, plan: StagePlan, mesh, cfg: TrainConfig):
+def _merged_view(state: TrainState, eng: Engine) -> TrainState:
     """What evaluation and export read: a LoRA state's merged base-model params (W + (α/r)·A·B)."""
-    if cfg.lora is None:
+    if eng.lora is None:
         return state
-    from train.state import merged_params
-
-    return state.replace(params=merged_params(state, plan.model, cfg.lora, mesh), frozen=None)
+    return state.replace(params=eng.merged(state), frozen=None)
 
 
 def _save_lora(run_dir: str, plan: StagePlan, lora, state, init_from: str | None, say) -> None:
     """``<run_dir>/lora`` (ringllama LoRA checkpoint) and ``<run_dir>/peft`` (PEFT adapter directory)."""
-    from convert.names import ConversionError
-    from convert.peft import save_lora_checkpoint, save_peft
-    from train.state import full_params
-
     params = jax.device_get(full_params(state))
     for stale in ("lora", "peft"):  # a resumed run that appended a stage writes them again
         shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
@@ -409,4 +386,4 @@ def _progress(enabled: bool, total: int, done: int, name: str, say=print):
     return tqdm(total=total, initial=done, desc=name, unit="step", dynamic_ncols=True)
 
 
-__all__ = ["EXEC_FIELDS", "base_model", "run", "stage_depth"]
+__all__ = ["EXEC_FIELDS", "base_model", "run"]

@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from attention.layout import check_layout, to_layout
+from text.tokenizer import load_tokenizer
 from train.data_config import SPLIT_TAGS, DataConfig, DataError
 from train.packing import BATCH_FIELDS, Cursor, Doc, empty_rows, fill_row
 from train.pose import PoseConfig, check_pose, pose_batch, pose_rng
+from train.prefetch import Prefetcher
 from train.sources import build_source
 
 Batch = dict[str, np.ndarray]
@@ -91,8 +94,6 @@ class DataIterator:
         split: str = "train",
         pose: PoseConfig | None = None,
     ):
-        from attention.layout import check_layout
-
         if isinstance(cfg, dict):
             cfg = DataConfig.from_dict(cfg)
         if seq_len < 2 or batch_size < 1:
@@ -110,8 +111,6 @@ class DataIterator:
         if pose is not None:
             check_pose(pose, seq_len)
         if tokenizer is None:
-            from text.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(cfg.tokenizer)
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
@@ -145,8 +144,6 @@ class DataIterator:
         self.batches += 1
         local = {k: out[k][self.rows] for k in BATCH_FIELDS}
         if self.layout != "contiguous" and self.num_shards > 1:
-            from attention.layout import to_layout
-
             local = {k: np.ascontiguousarray(to_layout(v, self.num_shards, self.layout)) for k, v in local.items()}
         return local
 
@@ -237,8 +234,6 @@ def make_iterator(
         pose=pose,
     )
     if prefetch:
-        from train.prefetch import Prefetcher
-
         return Prefetcher(it, prefetch)
     return it
 

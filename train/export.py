@@ -11,9 +11,13 @@ import os
 import shutil
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+import convert
 from model.config import LlamaConfig
+from model.llama import Llama
+from text.synthetic import passkey_sample
 
 # fp32 logits of two implementations of the same fp32 model agree to ~1e-5; anything above
 # this means a wrong conversion (a transposed or misnamed tensor moves logits by O(1)).
@@ -22,8 +26,6 @@ LOGITS_ATOL = 1e-3
 
 def export_final(run_dir: str, cfg: LlamaConfig, params: Any, *, hf: bool) -> dict[str, str]:
     """Write ``<run_dir>/final`` (ringllama) and, with ``hf``, ``<run_dir>/hf``; returns their paths."""
-    import convert
-
     paths = {"final": os.path.join(run_dir, "final")}
     if hf:
         paths["hf"] = os.path.join(run_dir, "hf")
@@ -38,11 +40,8 @@ def export_final(run_dir: str, cfg: LlamaConfig, params: Any, *, hf: bool) -> di
 
 def check_transformers(hf_dir: str, cfg: LlamaConfig, params: Any, prompt_tokens: int = 64) -> dict:
     """Load ``hf_dir`` with transformers and compare its logits with ringllama's on a fixed prompt."""
-    import jax.numpy as jnp
-    import torch
+    import torch  # optional: only the transformers check needs torch and transformers
     from transformers import LlamaForCausalLM
-
-    from model.llama import Llama
 
     n = min(prompt_tokens, cfg.max_position_embeddings)
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(1, n)).astype(np.int64)
@@ -85,8 +84,6 @@ def hf_greedy_passkey(
     """
     import torch
     from transformers import LlamaForCausalLM
-
-    from text.synthetic import passkey_sample
 
     hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     hf.eval()

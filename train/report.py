@@ -28,6 +28,7 @@ from text.tokenizer import load_tokenizer
 from train.config import StagePlan, TrainConfig, start_plan
 from train.export import check_transformers, export_final, hf_greedy_passkey
 from train.metrics import read_metrics
+from train.stage import StageRun
 from train.stage_eval import PASSKEY_RESERVE, heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
 
 
@@ -65,8 +66,9 @@ class Reporter:
         with atomic_file(self.path) as fh:
             json.dump(self.data, fh, indent=1)
 
-    def end_of_stage(self, state, plan: StagePlan, nxt: StagePlan | None, mesh, global_step: int) -> list[dict]:
-        """Evaluate the stage's final params; returns metrics records (kind ``eval``)."""
+    def end_of_stage(self, state, run: StageRun, nxt: StagePlan | None, global_step: int) -> list[dict]:
+        """Evaluate the stage's final params with its own eval steps; returns metrics records (kind ``eval``)."""
+        plan, mesh = run.plan, run.mesh
         cfg, stage, t0 = self.cfg, plan.stage, time.time()
         start = start_plan(self.plans, plan)
         out = {"seq_len": stage.seq_len, "theta": plan.model.rope.theta, "steps": stage.steps,
@@ -83,9 +85,9 @@ class Reporter:
         if cfg.eval.heldout_batches > 0:
             for length, batch, data in lengths:
                 ppl = heldout_perplexity(
-                    state.params, plan.model, mesh, data, seq_len=length,
+                    state.params, run.engine.eval_step(length), mesh, data, seq_len=length,
                     batch_size=cfg.eval.heldout_batch_size or batch, n_batches=cfg.eval.heldout_batches,
-                    seed=cfg.seed, layout=plan.layout, loss_chunk=cfg.loss_chunk,
+                    seed=cfg.seed, layout=plan.layout,
                 )  # fmt: skip
                 out["perplexity"][str(length)] = ppl["perplexity"]
                 records.append({"kind": "eval", "stage": plan.name, "step": global_step, **ppl})

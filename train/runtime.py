@@ -1,22 +1,20 @@
-"""Runner plumbing between stages: the memory check, weights from --init-from, moving state to a new stage.
+"""Runner plumbing around the stages: the memory check and weights from --init-from.
 
 `check_memory` asks the memory planner (`sharding.plan_memory`) about every stage before
 anything is compiled and refuses a run that will not fit, quoting the planner's numbers.
-`move_state` carries params (and optionally Adam's moments) from one stage to the next,
-resharding onto the next stage's mesh and restarting the stage's step counter.
+`init_from_model` loads ``--init-from`` weights straight into a stage engine's shardings.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
 
+import convert
 from model.config import ConfigError
 from model.params import abstract_params
-from sharding.rules import param_shardings
+from sharding import plan_memory
 from train.config import StagePlan, TrainConfig
-from train.state import TrainState, init_opt_state, state_shardings
+from train.stage import Engine
 
 GIB = 1024**3
 
@@ -39,11 +37,6 @@ def check_memory(cfg: TrainConfig, plans: list[StagePlan], say=print, num_device
 
     Returns one row per stage with the planner's total and the limit (for the report).
     """
-    try:
-        from sharding import plan_memory
-    except ImportError:
-        say("memory planner not available (sharding.plan_memory): skipping the fit check")
-        return []
     limit, source = device_memory_bytes(cfg)
     num_devices = jax.device_count() if num_devices is None else num_devices
     rows = []
@@ -76,34 +69,13 @@ def _breakdown(report) -> str:
     return ", ".join(f"{label} {v / GIB:.2f} GiB" for label, v in parts if v > 0)
 
 
-def init_from_model(path: str, plan: StagePlan, mesh: Mesh, say=print):
-    """Parameters from a ringllama checkpoint or HF directory, placed straight into the stage's shardings."""
-    import convert
-
+def init_from_model(path: str, engine: Engine, say=print):
+    """Parameters from a ringllama checkpoint or HF directory, placed straight into the engine's shardings."""
     say(f"loading initial weights from {path}")
     _, params = convert.load_model(
         path,
-        dtype=plan.model.param_dtype,
-        scan_layers=plan.model.scan_layers,
-        mesh_shardings=param_shardings(abstract_params(plan.model), mesh),
+        dtype=engine.model.param_dtype,
+        scan_layers=engine.model.scan_layers,
+        mesh_shardings=engine.base_shardings,
     )
     return params
-
-
-def move_state(state: TrainState, prev: StagePlan, plan: StagePlan, mesh: Mesh, say=print, lora=None) -> TrainState:
-    """The previous stage's state on ``plan``'s mesh: params kept, moments kept or reset, step 0.
-
-    Adam's moments carry over only when ``carry_optimizer_state`` is set and the optimizer state has
-    the same structure (e.g. weight decay switched on or off changes it: then they restart, and we say so).
-    A LoRA state (``lora``) keeps its frozen base, resharded like the rest.
-    """
-    sh = state_shardings(plan.model, plan.optim, mesh, lora)
-    params = jax.device_put(state.params, sh.params)  # a no-op on the same mesh; a reshard otherwise
-    carry = plan.stage.carry_optimizer_state
-    if carry and jax.tree.structure(state.opt_state) != jax.tree.structure(sh.opt_state):
-        say(f"{plan.name}: the optimizer state changes shape between stages; Adam's moments restart from zero")
-        carry = False
-    opt_state = jax.device_put(state.opt_state, sh.opt_state) if carry else init_opt_state(params, plan.optim, sh)
-    step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-    frozen = None if state.frozen is None else jax.device_put(state.frozen, sh.frozen)
-    return TrainState(params=params, opt_state=opt_state, step=step, frozen=frozen)

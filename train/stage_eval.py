@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from evals.evaluate import aggregate, evaluate
+from evals.report import write_task_results
+from evals.runner import Runner
+from evals.tasks import grid, passkey_task
 from model.config import LlamaConfig
 from train.data import heldout_batches
 from train.data_config import DataConfig
-from train.step import make_eval_step
 
 # Room for the answer (byte tokenizer: a space and 5 digits) plus slack, inside the context length.
 PASSKEY_RESERVE = 8
@@ -32,7 +37,7 @@ PASSKEY_RESERVE = 8
 
 def heldout_perplexity(
     params: Any,
-    model_cfg: LlamaConfig,
+    eval_step: Callable[[Any, dict], tuple[Any, Any]],
     mesh: jax.sharding.Mesh,
     data_cfg: DataConfig,
     *,
@@ -41,9 +46,12 @@ def heldout_perplexity(
     n_batches: int,
     seed: int,
     layout: str,
-    loss_chunk: int,
 ) -> dict[str, float]:
-    """Perplexity over ``n_batches`` held-out batches ``[batch_size, seq_len]`` (same batches every call)."""
+    """Perplexity over ``n_batches`` held-out batches ``[batch_size, seq_len]`` (same batches every call).
+
+    ``eval_step`` is the stage's ``(params, batch) -> (loss_sum, count)`` for rows of ``seq_len``
+    (`train.stage.Engine.eval_step`).
+    """
     num_shards = dict(mesh.shape).get("sequence", 1)
     batches = heldout_batches(
         data_cfg,
@@ -56,7 +64,6 @@ def heldout_perplexity(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    eval_step = make_eval_step(model_cfg, mesh, loss_chunk=min(loss_chunk, seq_len))
     total, count = 0.0, 0.0
     for batch in batches:
         batch = dict(batch, loss_mask=(np.asarray(batch["loss_mask"]) > 0).astype(np.float32))
@@ -86,10 +93,6 @@ def passkey_grid(
     ``samples`` prompts per length are spread evenly over ``depths`` (at least one per depth).
     Lengths are context lengths (prompt + answer, see the module docstring); records carry them.
     """
-    from evals.evaluate import aggregate, evaluate
-    from evals.runner import Runner
-    from evals.tasks import grid, passkey_task
-
     data_shards = dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1)
     batch_size = max(data_shards, -(-batch_size // data_shards) * data_shards)
     runner = Runner(model_cfg, params, mesh=mesh, batch_size=batch_size, pad_multiple=8, pad_id=tokenizer.pad_id)
@@ -117,10 +120,6 @@ def passkey_table(by_stage: dict[str, dict], lengths: tuple[int, ...]) -> str:
 
 def write_passkey_results(out_dir: str, settings: dict, records: list[dict], aggregates: dict) -> str:
     """JSON, CSV and the heatmap PNG (`evals.report`), written atomically into ``out_dir``."""
-    from evals.report import write_task_results
-
     if os.path.isdir(out_dir):  # a re-run of the same stage replaces its own results
-        import shutil
-
         shutil.rmtree(out_dir)
     return write_task_results(out_dir, settings, records, aggregates, depth_tasks={"passkey"})

@@ -1,7 +1,7 @@
 """The jitted, sharded train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
 
 One ``jax.jit`` per (config, mesh, batch shape) with explicit in/out shardings and the state donated:
-params and Adam moments are sharded by the rules table (`train.state.state_shardings`), the batch
+params and Adam moments are sharded as the caller's state shardings say (`train.stage`), the batch
 ``[b, t]`` over ``(data, fsdp)`` × ``sequence`` (`sharding.rules.batch_sharding`), metrics replicated.
 Activations follow the model's own constraints; with a ``sequence`` axis > 1 and
 ``attention_impl="auto"`` the model runs ring attention. Batches come from the data pipeline
@@ -40,10 +40,10 @@ from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.loss import chunked_cross_entropy
-from model.params import abstract_params, lm_head_kernel
-from sharding.rules import axis_rules, batch_sharding, constrain, param_shardings, replicated
-from train.optim import OptimConfig, apply_updates, make_optimizer, make_schedule
-from train.state import TrainState, state_shardings
+from model.params import lm_head_kernel
+from sharding.rules import axis_rules, batch_sharding, constrain, replicated
+from train.optim import apply_updates
+from train.state import TrainState
 
 Batch = dict[str, Any]
 # What the model and the loss read; the data pipeline may add more fields (they are dropped).
@@ -102,24 +102,31 @@ def _shapes(batch: dict[str, jax.Array]) -> tuple[tuple[int, ...], ...]:
 
 def make_train_step(
     model_cfg: LlamaConfig,
-    optim_cfg: OptimConfig,
     mesh: Mesh,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    shardings: TrainState,
     *,
-    total_steps: int,
+    grad_accum_steps: int = 1,
     loss_chunk: int = 1024,
     donate: bool = True,
     lora: lora_lib.LoraConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build ``step(state, batch) -> (state, metrics)``.
+    """Build ``step(state, batch) -> (state, metrics)`` from an already built optimizer and shardings.
+
+    `train.stage.build_engine` is the one caller: it builds ``tx``, ``schedule`` and ``shardings`` once
+    per stage and hands the same objects to the state, the checkpoint restore and this step.
 
     Args:
         model_cfg: the model (its ``dtype``, ``remat_policy``, ``attention_impl`` apply).
-        optim_cfg: optimizer, schedule and ``grad_accum_steps``.
-        mesh: the device mesh; ``state`` must be sharded as `train.state.state_shardings` says.
-        total_steps: optimizer steps of this stage (the schedule's horizon).
+        mesh: the device mesh.
+        tx: the update direction (`train.optim.make_optimizer`).
+        schedule: learning rate as a function of ``state.step`` (`train.optim.make_schedule`).
+        shardings: the `TrainState` of `NamedSharding` the state has (`train.state.state_shardings`).
+        grad_accum_steps: micro-batches per optimizer update.
         loss_chunk: positions per chunk of the chunked cross-entropy.
         donate: donate the input state's buffers (the caller must not reuse ``state``).
-        lora: train LoRA adapters (state from `train.state.init_state` with the same ``lora``).
+        lora: train LoRA adapters (a state split into trainable ``params`` and ``frozen``).
 
     Returns:
         A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
@@ -130,10 +137,8 @@ def make_train_step(
         ``b`` must be divisible by ``grad_accum_steps``.
     """
     model = Llama(model_cfg, mesh=mesh, lora=lora)
-    tx = make_optimizer(optim_cfg)
-    schedule = make_schedule(optim_cfg, total_steps)
-    k = int(optim_cfg.grad_accum_steps)
-    st_sh = state_shardings(model_cfg, optim_cfg, mesh, lora)
+    k = int(grad_accum_steps)
+    st_sh = shardings
     rep = replicated(mesh)
 
     @axis_rules(mesh)
@@ -204,16 +209,17 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_cfg: LlamaConfig, mesh: Mesh, *, loss_chunk: int = 1024, weighted: bool = False
+    model_cfg: LlamaConfig, mesh: Mesh, param_sh: Any, *, loss_chunk: int = 1024, weighted: bool = False
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
     """Build ``eval_step(params, batch) -> (loss_sum, count)`` for held-out perplexity.
 
     Sum the two over batches; perplexity is ``exp(Σ loss_sum / Σ count)``. By default every token
     with a nonzero ``loss_mask`` counts once (plain per-token perplexity, whatever weights the data
     pipeline put on answer tokens); ``weighted=True`` uses the mask's weights, as the train loss does.
+    ``param_sh`` is the params' `NamedSharding` tree (the base model's, no adapters).
     """
     model = Llama(model_cfg, mesh=mesh)
-    p_sh = param_shardings(abstract_params(model_cfg), mesh)
+    p_sh = param_sh
     rep = replicated(mesh)
     compiled: dict[tuple, Callable] = {}
 
