@@ -347,19 +347,21 @@ def flash_backward(
             def compute(masked):
                 def run(dqi):
                     instrument.record("chunk_bwd", device_index)
-                    logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
-                    p = jnp.exp(logits - lse_i[..., None])  # [b, k, r, ck]
+                    # Key-major tiles [ck, r]: dV and dK are then plain products over the query rows.
+                    logits = jnp.einsum("bksh,bkrh->bksr", kj, qi, preferred_element_type=jnp.float32) * cfg.scale
+                    p = jnp.exp(logits - lse_i[:, :, None, :])  # [b, k, ck, r]
                     if masked:
-                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]
-                        p = jnp.where(mask, p.reshape(b, kh, g, cq, ck), 0.0).reshape(p.shape)
-                    dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-                    dp = jnp.einsum("bkrh,bksh->bkrs", doi, vj, preferred_element_type=jnp.float32)
-                    dlogits = p * (dp - delta_i[..., None])  # d(loss)/d(logit), before the scale
+                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)  # [b, cq, ck]
+                        mask = jnp.swapaxes(mask, 1, 2)[:, None, :, None, :]  # [b, 1, ck, 1, cq]
+                        p = jnp.where(mask, p.reshape(b, kh, ck, g, cq), 0.0).reshape(p.shape)
+                    dv_j = jnp.einsum("bksr,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+                    dp = jnp.einsum("bksh,bkrh->bksr", vj, doi, preferred_element_type=jnp.float32)
+                    dlogits = p * (dp - delta_i[:, :, None, :])  # d(loss)/d(logit), before the scale
                     dqi = dqi + cfg.scale * jnp.einsum(
-                        "bkrs,bksh->bkrh", dlogits.astype(kj.dtype), kj, preferred_element_type=jnp.float32
+                        "bksr,bksh->bkrh", dlogits.astype(kj.dtype), kj, preferred_element_type=jnp.float32
                     )
                     dk_j = cfg.scale * jnp.einsum(
-                        "bkrs,bkrh->bksh", dlogits.astype(qi.dtype), qi, preferred_element_type=jnp.float32
+                        "bksr,bkrh->bksh", dlogits.astype(qi.dtype), qi, preferred_element_type=jnp.float32
                     )
                     return dqi, dk_j, dv_j
 
