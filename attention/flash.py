@@ -10,9 +10,10 @@ per-chunk transposes. Query chunks run in an outer loop, KV chunks in an inner o
 online softmax in fp32.
 
 Each chunk pair is classified from its position and segment-id ranges (so any token order
-works) into one of three branches of a ``lax.switch``: hidden (identity, no FLOPs), fully
-visible (no mask at all) or partly visible (masked). Only chunk-sized values pass through the
-switch; full-size accumulators are updated in place with dynamic-update-slices of the leading
+works) as hidden (never visited), fully visible (no mask at all) or partly visible (masked).
+The classification is one small table per call (`_schedule`): per query chunk, the visible KV
+chunks in order, fully visible first; two plain loops then run over them, with no per-pair
+branch. Full-size accumulators are updated in place with dynamic-update-slices of the leading
 axis. The forward carries the unnormalised state ``(acc, m, l)`` so a ring merges hops by simply
 continuing it (`finalize` normalises once at the end).
 
@@ -39,7 +40,7 @@ Q_PAD = -(2**31)
 KV_PAD = 2**31 - 1
 # Running-max start: finite, so exp(m_old - m_new) never sees inf - inf, and below any real logit.
 M_INIT = float(jnp.finfo(jnp.float32).min)
-HIDDEN, FULL, PARTIAL = 0, 1, 2  # chunk-pair kinds (switch branch indices)
+HIDDEN, FULL, PARTIAL = 0, 1, 2  # chunk-pair kinds
 
 
 @dataclass(frozen=True)
@@ -203,11 +204,37 @@ def _pair_kind(cfg: ChunkConfig, qr: _Ranges, kr: _Ranges) -> jax.Array | int:
     return jnp.where(_hidden(qr, kr, cfg.causal), HIDDEN, kind).astype(jnp.int32)
 
 
-def _switch(kind, branches, operand):
-    """``branches[kind](operand)``; a static kind calls its branch directly (no switch)."""
-    if isinstance(kind, int):
-        return branches[kind](operand)
-    return lax.switch(kind, branches, operand)
+class _Schedule(NamedTuple):
+    """Per query chunk, the KV chunks to visit: fully visible ones first, then partly visible ones.
+
+    ``order [t/c, s/c]`` lists KV chunk indices by kind (hidden ones last, never visited);
+    ``full`` and ``partial`` ``[t/c]`` count them. Two plain loops then run per query chunk, one
+    mask-free and one masked, with no per-pair branch: a ``lax.switch`` there made XLA copy the
+    loop carry on every pair, and hidden pairs still cost an iteration.
+    """
+
+    order: jax.Array
+    full: jax.Array
+    partial: jax.Array
+
+
+def _schedule(cfg: ChunkConfig, q_ranges: _Ranges, k_ranges: _Ranges, nk: int) -> _Schedule:
+    nq = q_ranges.pos_min.shape[0]
+    if not cfg.skip_masked:  # every pair computed and masked (the classic ring, for benchmarks)
+        order = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (nq, nk))
+        return _Schedule(order, jnp.zeros((nq,), jnp.int32), jnp.full((nq,), nk, jnp.int32))
+    pair = jax.vmap(jax.vmap(lambda qr, kr: _pair_kind(cfg, qr, kr), (None, 0)), (0, None))
+    kinds = pair(q_ranges, k_ranges)  # [t/c, s/c]
+    rank = jnp.select([kinds == FULL, kinds == PARTIAL], [0, 1], 2)
+    order = jnp.argsort(rank, axis=1, stable=True).astype(jnp.int32)
+    return _Schedule(order, jnp.sum(kinds == FULL, axis=1), jnp.sum(kinds == PARTIAL, axis=1))
+
+
+def _visit(sched: _Schedule, i, body, carry):
+    """Run ``body(j, carry, masked)`` over query chunk ``i``'s visible KV chunks ``j``."""
+    row, full = sched.order[i], sched.full[i]
+    carry = lax.fori_loop(0, full, lambda t, c: body(row[t], c, False), carry)
+    return lax.fori_loop(full, full + sched.partial[i], lambda t, c: body(row[t], c, True), carry)
 
 
 def _index(tree, i):
@@ -256,38 +283,28 @@ def flash_forward(
     g = r // cq
     if state is None:
         state = init_state(qc, kc, vc, q_pos, kv_pos, q_seg, kv_seg)
-    k_ranges = _ranges(kv_pos, kv_seg, (2,))  # [s/c, b] each
-    q_ranges = _ranges(q_pos, q_seg, (2,))
+    sched = _schedule(cfg, _ranges(q_pos, q_seg, (2,)), _ranges(kv_pos, kv_seg, (2,)), kc.shape[0])
 
     def q_step(i, state):
         qi, qpi, qsi = _index((qc, q_pos, q_seg), i)  # [b, k, r, h], [b, cq]
-        qri = _index(q_ranges, i)
 
-        def kv_step(j, carry):
+        def kv_step(j, carry, masked):
             kj, vj, kpj, ksj = _index((kc, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
+            acc, m, denom = carry
+            instrument.record("chunk_fwd", device_index)
+            if masked:
+                instrument.record("chunk_fwd_masked", device_index)
+            logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
+            if masked:
+                mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
+                logits = jnp.where(mask, logits.reshape(b, kh, g, cq, ck), -jnp.inf).reshape(logits.shape)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # finite: m starts at M_INIT
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(logits - m_new[..., None])  # [b, k, r, ck]
+            pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            return alpha[..., None] * acc + pv, m_new, alpha * denom + jnp.sum(p, axis=-1)
 
-            def compute(masked):
-                def run(carry):
-                    acc, m, denom = carry
-                    instrument.record("chunk_fwd", device_index)
-                    if masked:
-                        instrument.record("chunk_fwd_masked", device_index)
-                    logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
-                    if masked:
-                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
-                        logits = jnp.where(mask, logits.reshape(b, kh, g, cq, ck), -jnp.inf).reshape(logits.shape)
-                    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # finite: m starts at M_INIT
-                    alpha = jnp.exp(m - m_new)
-                    p = jnp.exp(logits - m_new[..., None])  # [b, k, r, ck]
-                    pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-                    return alpha[..., None] * acc + pv, m_new, alpha * denom + jnp.sum(p, axis=-1)
-
-                return run
-
-            kind = _pair_kind(cfg, qri, _index(k_ranges, j))
-            return _switch(kind, (lambda c: c, compute(False), compute(True)), carry)
-
-        return _update(state, lax.fori_loop(0, kc.shape[0], kv_step, _index(state, i)), i)
+        return _update(state, _visit(sched, i, kv_step, _index(state, i)), i)
 
     return lax.fori_loop(0, _trips(nq, active), q_step, state)
 
@@ -332,53 +349,37 @@ def flash_backward(
         dq = vary_like(jnp.zeros(qc.shape, jnp.float32), qc, kc, vc, doc, q_pos, kv_pos, q_seg, kv_seg, lse, delta)
     if dk is None:
         dk, dv = jnp.zeros_like(dq, shape=kc.shape), jnp.zeros_like(dq, shape=vc.shape)
-    k_ranges = _ranges(kv_pos, kv_seg, (2,))
-    q_ranges = _ranges(q_pos, q_seg, (2,))
+    sched = _schedule(cfg, _ranges(q_pos, q_seg, (2,)), _ranges(kv_pos, kv_seg, (2,)), kc.shape[0])
 
     def q_step(i, carry):
         dq, dk, dv = carry
         qi, doi, lse_i, delta_i, qpi, qsi = _index((qc, doc, lse, delta, q_pos, q_seg), i)
-        qri = _index(q_ranges, i)
 
-        def kv_step(j, inner):
+        def kv_step(j, inner, masked):
             dqi, dk, dv = inner
             kj, vj, kpj, ksj = _index((kc, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
-
-            def compute(masked):
-                def run(dqi):
-                    instrument.record("chunk_bwd", device_index)
-                    # Key-major tiles [ck, r]: dV and dK are then plain products over the query rows.
-                    logits = jnp.einsum("bksh,bkrh->bksr", kj, qi, preferred_element_type=jnp.float32) * cfg.scale
-                    p = jnp.exp(logits - lse_i[:, :, None, :])  # [b, k, ck, r]
-                    if masked:
-                        mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)  # [b, cq, ck]
-                        mask = jnp.swapaxes(mask, 1, 2)[:, None, :, None, :]  # [b, 1, ck, 1, cq]
-                        p = jnp.where(mask, p.reshape(b, kh, ck, g, cq), 0.0).reshape(p.shape)
-                    dv_j = jnp.einsum("bksr,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-                    dp = jnp.einsum("bksh,bkrh->bksr", vj, doi, preferred_element_type=jnp.float32)
-                    dlogits = p * (dp - delta_i[:, :, None, :])  # d(loss)/d(logit), before the scale
-                    dqi = dqi + cfg.scale * jnp.einsum(
-                        "bksr,bksh->bkrh", dlogits.astype(kj.dtype), kj, preferred_element_type=jnp.float32
-                    )
-                    dk_j = cfg.scale * jnp.einsum(
-                        "bksr,bkrh->bksh", dlogits.astype(qi.dtype), qi, preferred_element_type=jnp.float32
-                    )
-                    return dqi, dk_j, dv_j
-
-                return run
-
-            def skip(dqi):
-                zeros = vary_like(jnp.zeros(kj.shape, jnp.float32), dqi, kj, vj, kpj, ksj, lse_i, delta_i)
-                return dqi, zeros, zeros
-
-            # The switch carries only chunk-sized values; the full dK/dV stay in the loop carry.
-            kind = _pair_kind(cfg, qri, _index(k_ranges, j))
-            dqi, dk_j, dv_j = _switch(kind, (skip, compute(False), compute(True)), dqi)
+            instrument.record("chunk_bwd", device_index)
+            # Key-major tiles [ck, r]: dV and dK are then plain products over the query rows.
+            logits = jnp.einsum("bksh,bkrh->bksr", kj, qi, preferred_element_type=jnp.float32) * cfg.scale
+            p = jnp.exp(logits - lse_i[:, :, None, :])  # [b, k, ck, r]
+            if masked:
+                mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)  # [b, cq, ck]
+                mask = jnp.swapaxes(mask, 1, 2)[:, None, :, None, :]  # [b, 1, ck, 1, cq]
+                p = jnp.where(mask, p.reshape(b, kh, ck, g, cq), 0.0).reshape(p.shape)
+            dv_j = jnp.einsum("bksr,bkrh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bksh,bkrh->bksr", vj, doi, preferred_element_type=jnp.float32)
+            dlogits = p * (dp - delta_i[:, :, None, :])  # d(loss)/d(logit), before the scale
+            dqi = dqi + cfg.scale * jnp.einsum(
+                "bksr,bksh->bkrh", dlogits.astype(kj.dtype), kj, preferred_element_type=jnp.float32
+            )
+            dk_j = cfg.scale * jnp.einsum(
+                "bksr,bkrh->bksh", dlogits.astype(qi.dtype), qi, preferred_element_type=jnp.float32
+            )
             dk = lax.dynamic_update_index_in_dim(dk, _index(dk, j) + dk_j, j, 0)
             dv = lax.dynamic_update_index_in_dim(dv, _index(dv, j) + dv_j, j, 0)
             return dqi, dk, dv
 
-        dqi, dk, dv = lax.fori_loop(0, kc.shape[0], kv_step, (_index(dq, i), dk, dv))
+        dqi, dk, dv = _visit(sched, i, kv_step, (_index(dq, i), dk, dv))
         return lax.dynamic_update_index_in_dim(dq, dqi, i, 0), dk, dv
 
     return lax.fori_loop(0, _trips(nq, active), q_step, (dq, dk, dv))
