@@ -25,7 +25,7 @@ from model.generate import generate
 from model.llama import Llama
 from model.lora import LoraConfig
 from model.loss import chunked_cross_entropy, chunked_token_nll
-from model.params import abstract_params, count_params, init_params, lm_head_kernel, logical_axes
+from model.params import abstract_params, boxed_init_fn, count_params, init_params, lm_head_kernel, logical_axes
 from model.presets import PRESETS, preset
 from model.rope import apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, rotate, theta_for_length
 
@@ -39,6 +39,7 @@ __all__ = [
     "LoraConfig",
     "RopeConfig",
     "abstract_params",
+    "boxed_init_fn",
     "apply_rope",
     "chunked_cross_entropy",
     "chunked_token_nll",

@@ -15,7 +15,11 @@ from model.llama import Llama
 Params = dict[str, Any]
 
 
-def _init_fn(config: LlamaConfig, lora: Any = None):
+def boxed_init_fn(config: LlamaConfig, lora: Any = None):
+    """``key -> params`` with boxed (``nn.LogicallyPartitioned``) leaves, for callers that jit a part of the init.
+
+    With ``lora`` the tree also holds the adapters.
+    """
     # Parameters do not depend on the attention implementation; ring attention would need a mesh
     # just to trace the init, so initialise through the dense one.
     model = Llama(config.replace(attention_impl="reference"), lora=lora)
@@ -31,7 +35,7 @@ def abstract_params(config: LlamaConfig, lora: Any = None) -> Params:
 
     With ``lora`` (`model.lora.LoraConfig`) the tree also holds its adapters (``lora_a``/``lora_b``).
     """
-    return jax.eval_shape(_init_fn(config, lora), jax.random.key(0))
+    return jax.eval_shape(boxed_init_fn(config, lora), jax.random.key(0))
 
 
 def logical_axes(config: LlamaConfig, lora: Any = None) -> Params:
@@ -50,14 +54,14 @@ def init_params(config: LlamaConfig, key: jax.Array, out_shardings: Any = None, 
     """
     if out_shardings is None:
         return _jitted_init(config, lora)(key)
-    fn = lambda k: nn.meta.unbox(_init_fn(config, lora)(k))
+    fn = lambda k: nn.meta.unbox(boxed_init_fn(config, lora)(k))
     return jax.jit(fn, out_shardings=out_shardings)(key)
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_init(config: LlamaConfig, lora: Any = None):
     """One compiled init per config (a fresh ``jax.jit(lambda ...)`` would recompile on every call)."""
-    return jax.jit(lambda k: nn.meta.unbox(_init_fn(config, lora)(k)))
+    return jax.jit(lambda k: nn.meta.unbox(boxed_init_fn(config, lora)(k)))
 
 
 def lm_head_kernel(params: Params, config: LlamaConfig) -> jax.Array:

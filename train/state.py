@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from model import lora as lora_lib
 from model.config import LlamaConfig
-from model.params import _init_fn, abstract_params, init_params
+from model.params import abstract_params, boxed_init_fn, init_params
 from sharding.rules import opt_state_shardings, replicated
 
 
@@ -162,7 +162,7 @@ def init_state(
     if lora is not None:
         # Only the adapters leave the jit, so XLA drops the base initialisers it does not need.
         fresh = jax.jit(
-            lambda k: lora_lib.adapters(nn.meta.unbox(_init_fn(model_cfg, lora)(k))),
+            lambda k: lora_lib.adapters(nn.meta.unbox(boxed_init_fn(model_cfg, lora)(k))),
             out_shardings=lora_lib.adapters(sh.params),
         )
         if params is None:
