@@ -297,9 +297,9 @@ def plan_memory(
     else:
         cq = ck = max(1, min(config.attention_chunk, t // 2 if impl == "ring" and t % 2 == 0 else t))
         tile = 2 * 4 * b * n * cq * ck  # fp32 logits and probabilities of one chunk pair (dP and dS fuse)
-        # Backward peak (attention.flash): chunk-major copies of q, dO, K and V in the compute dtype,
-        # fp32 dq/dk/dv accumulators and fp32 LSE and delta rows (the forward's fp32 state is smaller).
-        acc = b * t * n * h * (2 * A + 4) + b * t * k * h * (2 * A + 8) + 2 * 4 * b * t * n
+        # Backward peak (attention.flash): chunk-major copies of q, dO, K, Kᵀ and V in the compute
+        # dtype, fp32 dq/dk/dv accumulators and fp32 LSE and delta rows (the forward's state is smaller).
+        acc = b * t * n * h * (2 * A + 4) + b * t * k * h * (3 * A + 8) + 2 * 4 * b * t * n
         attention_ws = tile + acc
         if impl == "ring":
             attention_ws += 2 * b * t * k * h * A  # the next K/V block in flight
