@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from text.haystack import Haystack, HaystackError
+from text.haystack import Haystack, HaystackError, read_json
 from text.synthetic import PromptFormat, as_rng, compose
 
 _INSTRUCTION = (
@@ -72,12 +72,7 @@ def _hotpot(entries: list) -> tuple[list[QAItem], list[str]]:
 def load_qa(path: str) -> QADataset:
     """Read a SQuAD or HotpotQA file; raises `HaystackError` with a clear sentence when it cannot."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = read_json(path)
         if isinstance(data, dict) and "data" in data:
             items, docs = _squad(data)
         elif isinstance(data, list):

@@ -17,6 +17,7 @@ from text.haystack import (
     haystack_text,
     load_haystack,
     read_documents,
+    read_json,
     sentences_to_stream,
     token_stream,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "niah_sample",
     "passkey_sample",
     "read_documents",
+    "read_json",
     "sentences_to_stream",
     "token_stream",
 ]

@@ -100,6 +100,20 @@ def load_haystack(spec: str | Haystack = "prose") -> Haystack:
     return _from_file(os.path.abspath(spec))
 
 
+def read_json(path: str):
+    """A JSON file's value, or a JSON-lines file as the list of its lines' values.
+
+    Raises OSError, UnicodeDecodeError or json.JSONDecodeError (a ValueError); callers turn them
+    into their own one-sentence errors.
+    """
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_documents(path: str, what: str = "text data") -> list[str]:
     """Documents from a UTF-8 ``.txt`` file (one document), a ``.json``/``.jsonl`` file of
     ``{"text": ...}`` records, or a directory written by `datasets.Dataset.save_to_disk` (column ``text``).
@@ -113,12 +127,7 @@ def read_documents(path: str, what: str = "text data") -> list[str]:
                 ds = ds[next(iter(ds))]
             docs = [str(t) for t in ds["text"]]
         elif path.endswith((".json", ".jsonl")):
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = read_json(path)
             docs = [str(r["text"]) for r in (rows if isinstance(rows, list) else [rows])]
         else:
             with open(path, encoding="utf-8") as fh:
