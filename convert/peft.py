@@ -17,7 +17,13 @@ name map (`convert.names.RULES`) under ``base_model.model.``:
 - trained embeddings and norms as PEFT's ``modules_to_save``: PEFT (0.21) saves a wrapped module's
   copy under the module's own name (``base_model.model.model.embed_tokens.weight``,
   ``…layers.{i}.input_layernorm.weight``, ``…model.norm.weight``) and maps it back into
-  ``modules_to_save.default`` on load, so those are the keys written here.
+  ``modules_to_save.default`` on load, so those are the keys written here;
+- a trained embedding of a tied model (``tie_word_embeddings``) is both the input embedding and the
+  output head, but PEFT wraps ``embed_tokens`` in a copy that ``lm_head`` does not share: it is
+  saved twice, as ``…model.embed_tokens.weight`` and ``…lm_head.weight`` (both in ``modules_to_save``,
+  the keys PEFT 0.21 itself writes for a tied model), with ``ensure_weight_tying`` so that PEFT ties
+  the two copies again on load (versions without that option ignore it, with a warning, and load
+  two equal copies: the same logits).
 """
 
 from __future__ import annotations
@@ -160,9 +166,11 @@ def merge_numpy(params: Params, lora: lora_lib.LoraConfig, dtype: str | None = N
 # ------------------------------------------------------------------------------------ PEFT
 def peft_config(lora: lora_lib.LoraConfig, base_model_name_or_path: str | None, cfg: LlamaConfig) -> dict[str, Any]:
     """The ``adapter_config.json`` dict for ``lora``."""
+    tied_head = _tied_head(cfg, lora)
     saved = (_SAVED_MODULES["embeddings"] if lora.train_embeddings else []) + (
         _SAVED_MODULES["norms"] if lora.train_norms else []
     )
+    saved += ["lm_head"] if tied_head else []
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -178,16 +186,18 @@ def peft_config(lora: lora_lib.LoraConfig, base_model_name_or_path: str | None, 
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
+        # only when tied: PEFT versions without this option warn about every unknown key
+        **({"ensure_weight_tying": True} if tied_head else {}),
     }
+
+
+def _tied_head(cfg: LlamaConfig, lora: lora_lib.LoraConfig) -> bool:
+    """Whether the trained embedding is also the output head, so the adapter must carry ``lm_head`` too."""
+    return bool(cfg.tie_word_embeddings and lora.train_embeddings)
 
 
 def peft_tensors(cfg: LlamaConfig, lora: lora_lib.LoraConfig, params: Params) -> dict[str, np.ndarray]:
     """PEFT state-dict keys → fp32 arrays for the adapters and trained leaves of ``params``."""
-    if cfg.tie_word_embeddings and lora.train_embeddings:
-        raise ConversionError(
-            "a PEFT adapter cannot carry a trained embedding that is tied to the output head (PEFT copies "
-            "embed_tokens but lm_head keeps the base weight): export with --merge-lora instead."
-        )
     out: dict[str, np.ndarray] = {}
     for name, (rule, layer) in expected_tensors(cfg).items():
         module = rule.path[-2]
@@ -200,6 +210,8 @@ def peft_tensors(cfg: LlamaConfig, lora: lora_lib.LoraConfig, params: Params) ->
         elif lora_lib.is_trainable(rule.path, lora) and rule.path[-1] != "kernel":
             value = np.asarray(get_param(params, rule, layer, cfg), np.float32)
             out[PREFIX + name] = flax_to_hf(name, value, rule, cfg)
+    if _tied_head(cfg, lora):  # HF's lm_head.weight [vocab, hidden] is the embedding itself
+        out[PREFIX + "lm_head.weight"] = out[PREFIX + "model.embed_tokens.weight"].copy()
     return out
 
 

@@ -39,11 +39,13 @@ def _adapted(base_params, cfg, lora, seed=1):
     return jax.tree_util.tree_map_with_path(perturb, out)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A base HF model, a LoRA checkpoint over it, and the merged / PEFT exports of that checkpoint."""
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def exported(request, tmp_path_factory):
+    """A base HF model, a LoRA checkpoint over it, and the merged / PEFT exports of that checkpoint.
+
+    "tied" is a Llama 3.2-style base (``tie_word_embeddings``) whose trained embedding is also the head."""
     tmp = tmp_path_factory.mktemp("peft")
-    hf = tiny_hf_model(seed=3)
+    hf = tiny_hf_model(seed=3, tie_word_embeddings=request.param == "tied")
     base_dir = tmp / "base-hf"
     hf.save_pretrained(base_dir, safe_serialization=True)
     cfg, base = convert.load_hf(base_dir, "float32", scan_layers=True)
@@ -96,6 +98,10 @@ def test_peft_adapter_matches_ringllama_and_merged(exported):
     assert a.shape == (4, cfg.hidden_size) and b.shape == (cfg.hidden_size, 4)
     assert "base_model.model.model.embed_tokens.weight" in keys  # modules_to_save (trained embeddings)
     assert "base_model.model.model.layers.1.post_attention_layernorm.weight" in keys
+    assert ("base_model.model.lm_head.weight" in keys) == cfg.tie_word_embeddings  # the tied head's copy
+    assert (
+        ("lm_head" in config["modules_to_save"]) == config.get("ensure_weight_tying", False) == cfg.tie_word_embeddings
+    )
 
     base = transformers.LlamaForCausalLM.from_pretrained(exported["base_dir"], torch_dtype="float32").eval()
     model = peft.PeftModel.from_pretrained(base, exported["tmp"] / "adapter").eval()
@@ -103,6 +109,24 @@ def test_peft_adapter_matches_ringllama_and_merged(exported):
     np.testing.assert_allclose(theirs, exported["ours"], atol=TOL, rtol=0)
     merged = transformers.LlamaForCausalLM.from_pretrained(exported["tmp"] / "merged", torch_dtype="float32").eval()
     np.testing.assert_allclose(theirs, hf_logits(merged, exported["tokens"]), atol=TOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # PEFT's note on the untied copies
+def test_tied_peft_adapter_loads_as_two_copies(exported):
+    """Without PEFT's re-tying (versions that lack ``ensure_weight_tying``), ``embed_tokens`` and ``lm_head``
+    are separate copies of the trained embedding; the logits are still ringllama's."""
+    import peft
+    import transformers
+
+    if not exported["cfg"].tie_word_embeddings:
+        pytest.skip("only a tied base has a second copy")
+    config = peft.LoraConfig.from_pretrained(exported["tmp"] / "adapter")
+    config.ensure_weight_tying = False
+    base = transformers.LlamaForCausalLM.from_pretrained(exported["base_dir"], torch_dtype="float32").eval()
+    model = peft.PeftModel.from_pretrained(base, exported["tmp"] / "adapter", config=config).eval()
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() != embedding.data_ptr()  # so the head's logits come from the lm_head tensor
+    np.testing.assert_allclose(hf_logits(model, exported["tokens"]), exported["ours"], atol=TOL, rtol=0)
 
 
 def test_export_refuses_mismatched_flags(exported, tmp_path, capsys):
