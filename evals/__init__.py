@@ -17,20 +17,25 @@ from evals.qa import load_qa, qa_sample
 from evals.ruler import RULER_TASKS, ruler_sample
 from evals.runner import ForcedResult, Runner
 from evals.scoring import forced_correct, string_match_all, string_match_part
-from evals.tasks import Cell, Task, grid
+from evals.tasks import TASKS, Cell, Task, TaskSettings, TaskSpec, command_tasks, grid, make_task
 
 __all__ = [
     "RULER_TASKS",
+    "TASKS",
     "Cell",
     "EvalInputError",
     "ForcedResult",
     "Runner",
     "Task",
+    "TaskSettings",
+    "TaskSpec",
     "aggregate",
+    "command_tasks",
     "evaluate",
     "forced_correct",
     "grid",
     "load_qa",
+    "make_task",
     "qa_sample",
     "ruler_sample",
     "string_match_all",
