@@ -7,6 +7,11 @@ training data mixes; RULER and QA tasks build on them here::
     s = ruler_sample("niah_multikey_1", tokenizer, length=2048, rng=0)
     s.prompt_ids, s.answer_ids, s.answer, s.references, s.metadata
 
+Every task the evals run is one entry of the registry `TASKS` (`evals.tasks`), shared by the CLI
+and the end-of-stage evals::
+
+    task = make_task("passkey", TaskSettings(template="short"))   # a Task: name, make, metric, uses_depth
+
 Running a model (`Runner`: teacher-forced or greedy, ring prefill on a mesh) and the CLI:
 ``python -m evals {passkey,niah,ruler,perplexity} --model PATH ...`` (`evals.cli`).
 """
@@ -17,20 +22,25 @@ from evals.qa import load_qa, qa_sample
 from evals.ruler import RULER_TASKS, ruler_sample
 from evals.runner import ForcedResult, Runner
 from evals.scoring import forced_correct, string_match_all, string_match_part
-from evals.tasks import Cell, Task, grid
+from evals.tasks import TASKS, Cell, Task, TaskSettings, TaskSpec, command_tasks, grid, make_task
 
 __all__ = [
     "RULER_TASKS",
+    "TASKS",
     "Cell",
     "EvalInputError",
     "ForcedResult",
     "Runner",
     "Task",
+    "TaskSettings",
+    "TaskSpec",
     "aggregate",
+    "command_tasks",
     "evaluate",
     "forced_correct",
     "grid",
     "load_qa",
+    "make_task",
     "qa_sample",
     "ruler_sample",
     "string_match_all",

@@ -1,5 +1,8 @@
 """``python -m evals {passkey,niah,ruler,perplexity}`` (console script ``ringllama-eval``).
 
+The commands are the eval task registry's (`evals.tasks.TASKS`: each task names the command that
+runs it) plus ``perplexity``, which scores plain text rather than generated samples.
+
     python -m evals niah --model ckpt/ --lengths 1k,2k,4k --depths 0:100:10 --samples 4 --out results/niah
     python -m evals ruler --model hf-dir/ --hf --lengths 4k,8k --mode generate --mesh data=1,sequence=8 --out r/
     python -m evals perplexity --model preset:tiny --lengths 1k,4k --data prose --out results/ppl
@@ -16,20 +19,17 @@ import sys
 import time
 from collections.abc import Sequence
 
-from evals import tasks as T
 from evals.chat import llama3_chat_format
 from evals.evaluate import aggregate, evaluate
 from evals.loading import EvalInputError, check_vocab, load_eval_tokenizer, load_model, parse_mesh
 from evals.perplexity import load_documents, perplexity_by_position
-from evals.qa import load_qa
 from evals.report import perplexity_table, summary_table, write_perplexity_results, write_task_results
-from evals.ruler import RULER_TASKS
 from evals.runner import Runner
-from evals.tasks import cell_samples, grid
-from text.haystack import HaystackError, load_haystack
-from text.synthetic import OverheadError
+from evals.tasks import COMMANDS, TASKS, TaskSettings, cell_samples, command_tasks, grid
+from text.haystack import HaystackError
+from text.synthetic import PASSKEY_TEMPLATES, OverheadError
 
-TASK_KINDS = ("passkey", "niah", "ruler", "perplexity")
+PERPLEXITY = "perplexity"  # the one command outside the task registry
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -71,7 +71,7 @@ def parse_depths(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringllama-eval", description="Long-context evals for ringllama and HF Llama.")
-    p.add_argument("task", choices=TASK_KINDS, help="which evaluation to run")
+    p.add_argument("task", choices=(*COMMANDS, PERPLEXITY), help="which evaluation to run")
     p.add_argument("--model", required=True, help="ringllama checkpoint, HF directory, or preset:NAME (random init)")
     p.add_argument("--hf", action="store_true", help="require PATH to be a Hugging Face directory")
     p.add_argument("--lengths", default="1k,2k,4k", help="context lengths, e.g. 1k,2k,4k")
@@ -86,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default=None, help="parameter dtype to load as (float32, bfloat16)")
     p.add_argument("--filler", default="classic", help="passkey filler: classic, prose or a text file")
+    p.add_argument(
+        "--template", choices=PASSKEY_TEMPLATES, default="classic", help="passkey prompt: classic, or short (no head)"
+    )
     p.add_argument("--haystack", default="prose", help="niah haystack: prose, noise or a text file")
     p.add_argument("--needle", default=None, help="niah needle sentence")
     p.add_argument("--question", default=None, help="niah question")
     p.add_argument("--answer", default=None, help="niah expected answer")
-    p.add_argument("--tasks", default=None, help=f"ruler tasks (default all): {','.join(RULER_TASKS)},qa")
+    ruler = ",".join(n for n, spec in TASKS.items() if spec.command == "ruler")
+    p.add_argument("--tasks", default=None, help=f"the command's tasks (default all; qa needs --qa-file): {ruler}")
     p.add_argument("--qa-file", default=None, help="SQuAD/HotpotQA JSON for the ruler qa task")
     p.add_argument("--data", default="prose", help="perplexity text: prose, .txt, .json(l) or a datasets dir")
     p.add_argument("--buckets", type=int, default=8, help="perplexity position buckets")
@@ -101,28 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tasks(args):
-
-    if args.task == "passkey":
-        load_haystack("classic" if args.filler == "classic" else args.filler)
-        return [T.passkey_task(args.filler)]
-    if args.task == "niah":
-        load_haystack(args.haystack)
-        return [T.niah_task(args.haystack, args.needle, args.question, args.answer)]
-    names = [n.strip() for n in (args.tasks or ",".join(RULER_TASKS + (("qa",) if args.qa_file else ()))).split(",")]
-    out = []
-    for name in filter(None, names):
-        if name == "qa":
-            if not args.qa_file:
-                raise EvalInputError("the qa task needs --qa-file with a SQuAD or HotpotQA JSON file.")
-
-            load_qa(os.path.abspath(args.qa_file))
-            out.append(T.qa_task(args.qa_file))
-        else:
-            try:
-                out.append(T.ruler_task(name))
-            except ValueError as exc:
-                raise EvalInputError(str(exc)) from exc
-    return out
+    settings = TaskSettings(
+        filler=args.filler, template=args.template, haystack=args.haystack, needle=args.needle,
+        question=args.question, answer=args.answer, qa_file=args.qa_file,
+    )  # fmt: skip
+    names = None if args.tasks is None else [n for n in (p.strip() for p in args.tasks.split(",")) if n]
+    return command_tasks(args.task, settings, names)
 
 
 def _run(args) -> int:
@@ -131,8 +119,8 @@ def _run(args) -> int:
     depths = parse_depths(args.depths)
     if args.samples < 1 or args.batch_size < 1:
         raise EvalInputError("--samples and --batch-size must be at least 1.")
-    tasks = _tasks(args) if args.task != "perplexity" else []
-    if args.task == "perplexity":
+    tasks = _tasks(args) if args.task != PERPLEXITY else []
+    if args.task == PERPLEXITY:
         docs = load_documents(args.data)
     mesh = parse_mesh(args.mesh)
     if not args.model.startswith("preset:") and not os.path.isdir(args.model):
@@ -145,7 +133,7 @@ def _run(args) -> int:
             fmt = llama3_chat_format(tokenizer)
         except ValueError as exc:
             raise EvalInputError(str(exc)) from exc
-    if args.task != "perplexity":
+    if args.task != PERPLEXITY:
         cells = grid(tasks, lengths, depths)
         for task in tasks:  # a length below the prompt overhead fails here, before the model loads
             first = next(c for c in cells if c.task == task.name)
@@ -162,7 +150,7 @@ def _run(args) -> int:
     settings.update(lengths=lengths, depths_percent=[d * 100 for d in depths], vocab_size=config.vocab_size)
     progress = not args.no_progress
 
-    if args.task == "perplexity":
+    if args.task == PERPLEXITY:
         records = perplexity_by_position(
             runner, tokenizer, docs, lengths, samples=args.samples, buckets=args.buckets, mode=args.ppl_mode,
             stride=args.stride, progress=progress,

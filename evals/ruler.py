@@ -1,6 +1,6 @@
 """RULER-style synthetic tasks (Hsieh et al., 2024), re-implemented on the shared generator.
 
-Tasks (`RULER_TASKS`): ``niah_single_1/2/3``, ``niah_multikey_1/2/3``, ``niah_multivalue``,
+Tasks (`RULER_TASKS`, name → sample generator): ``niah_single_1/2/3``, ``niah_multikey_1/2/3``, ``niah_multivalue``,
 ``niah_multiquery``, ``vt`` (variable tracking), ``cwe`` (common words), ``fwe`` (frequent
 words); QA lives in `evals.qa`. Settings follow RULER's defaults: single needles on the noise
 haystack (1) or prose (2, 3); keys are hyphenated word pairs, values 7-digit numbers or UUIDs;
@@ -19,11 +19,12 @@ import functools
 import re
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from text.haystack import haystack_text, sentences_to_stream
-from text.synthetic import OverheadError, PromptFormat, as_rng, compose
+from text.synthetic import OverheadError, PromptFormat, Sample, as_rng, compose
 
 _NIAH_HEAD = (
     "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
@@ -44,7 +45,6 @@ _NIAH = {
     "niah_multivalue": ("prose", "words", "numbers", 1, 4, 1),
     "niah_multiquery": ("prose", "words", "numbers", 4, 1, 4),
 }
-RULER_TASKS = (*_NIAH, "vt", "cwe", "fwe")
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,7 +69,9 @@ def _draw(rng: np.random.Generator, kind: str, n: int) -> list[str]:
     return list(out)
 
 
-def niah_task(name: str, tokenizer, length: int, rng, fmt: PromptFormat | None = None, depth: float | None = None):
+def ruler_niah_sample(
+    name: str, tokenizer, length: int, rng, fmt: PromptFormat | None = None, depth: float | None = None
+) -> Sample:
     """A RULER NIAH variant; needles at random depths unless ``depth`` pins the first (queried) one."""
     rng = as_rng(rng)
     haystack, key_kind, value_kind, n_keys, n_values, n_queries = _NIAH[name]
@@ -117,7 +119,7 @@ def _stream_at_least(tokenizer, sentences: list[str], length: int):
     return stream
 
 
-def vt_task(tokenizer, length: int, rng, fmt: PromptFormat | None = None, hops: int = 4, chains: int = 1):
+def vt_sample(tokenizer, length: int, rng, fmt: PromptFormat | None = None, hops: int = 4, chains: int = 1) -> Sample:
     """Variable tracking: ``VAR A = 12345``, ``VAR B = VAR A`` … spread over the noise haystack."""
     rng = as_rng(rng)
     names = _draw_names(rng, (hops + 1) * chains)
@@ -178,7 +180,7 @@ def _fit_items(tokenizer, items: list[str], budget: int):
     return stream, kept, used
 
 
-def _list_task(tokenizer, length, rng, fmt, head, question, answer_prefix, make_items, n_refs, name, numbered):
+def _list_sample(tokenizer, length, rng, fmt, head, question, answer_prefix, make_items, n_refs, name, numbered):
     """Shared by cwe/fwe: items fill the haystack budget; references are the ``n_refs`` most frequent."""
     probe = compose(
         tokenizer, length, head=head, question=question, answer_prefix=answer_prefix, answer="x", haystack="noise",
@@ -219,7 +221,7 @@ def _list_task(tokenizer, length, rng, fmt, head, question, answer_prefix, make_
     )
 
 
-def cwe_task(tokenizer, length: int, rng, fmt: PromptFormat | None = None, num_common: int = 10):
+def cwe_sample(tokenizer, length: int, rng, fmt: PromptFormat | None = None, num_common: int = 10) -> Sample:
     """Common words extraction: a numbered list where ``num_common`` words repeat most (30× vs 3×)."""
     rng = as_rng(rng)
     vocab = vocabulary()
@@ -243,10 +245,10 @@ def cwe_task(tokenizer, length: int, rng, fmt: PromptFormat | None = None, num_c
     )
     question = f"Question: What are the {num_common} most common words in the above list?"
     prefix = f"Answer: The top {num_common} words that appear most often in the list are:"
-    return _list_task(tokenizer, length, rng, fmt, head, question, prefix, make, num_common, "cwe", True)
+    return _list_sample(tokenizer, length, rng, fmt, head, question, prefix, make, num_common, "cwe", True)
 
 
-def fwe_task(tokenizer, length: int, rng, fmt: PromptFormat | None = None, alpha: float = 2.0):
+def fwe_sample(tokenizer, length: int, rng, fmt: PromptFormat | None = None, alpha: float = 2.0) -> Sample:
     """Frequent words extraction: coded words drawn from a Zipf(``alpha``) law; find the top 3."""
     rng = as_rng(rng)
 
@@ -266,17 +268,23 @@ def fwe_task(tokenizer, length: int, rng, fmt: PromptFormat | None = None, alpha
     )
     question = "Question: What are the three most frequently appeared words in the above coded text?"
     prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
-    return _list_task(tokenizer, length, rng, fmt, head, question, prefix, make, 3, "fwe", False)
+    return _list_sample(tokenizer, length, rng, fmt, head, question, prefix, make, 3, "fwe", False)
 
 
-def ruler_sample(name: str, tokenizer, length: int, rng, fmt: PromptFormat | None = None, depth: float | None = None):
-    """One sample of RULER task ``name`` (see `RULER_TASKS`)."""
-    if name in _NIAH:
-        return niah_task(name, tokenizer, length, rng, fmt, depth)
-    if name == "vt":
-        return vt_task(tokenizer, length, rng, fmt)
-    if name == "cwe":
-        return cwe_task(tokenizer, length, rng, fmt)
-    if name == "fwe":
-        return fwe_task(tokenizer, length, rng, fmt)
-    raise ValueError(f"unknown RULER task {name!r}: use one of {', '.join(RULER_TASKS)}.")
+# name -> (tokenizer, length, rng, fmt, depth) -> Sample: RULER's tasks, and the rows `evals.tasks.TASKS` takes
+# them from. ``depth`` pins the queried needle of the NIAH variants; the other tasks place their own.
+RULER_TASKS: dict[str, Callable[..., Sample]] = {
+    **{name: functools.partial(ruler_niah_sample, name) for name in _NIAH},
+    "vt": lambda tokenizer, length, rng, fmt, depth: vt_sample(tokenizer, length, rng, fmt),
+    "cwe": lambda tokenizer, length, rng, fmt, depth: cwe_sample(tokenizer, length, rng, fmt),
+    "fwe": lambda tokenizer, length, rng, fmt, depth: fwe_sample(tokenizer, length, rng, fmt),
+}
+
+
+def ruler_sample(
+    name: str, tokenizer, length: int, rng, fmt: PromptFormat | None = None, depth: float | None = None
+) -> Sample:
+    """One sample of RULER task ``name`` (a key of `RULER_TASKS`)."""
+    if name not in RULER_TASKS:
+        raise ValueError(f"unknown RULER task {name!r}: use one of {', '.join(RULER_TASKS)}.")
+    return RULER_TASKS[name](tokenizer, length, rng, fmt, depth)

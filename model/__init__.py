@@ -20,14 +20,24 @@ stays within 2⁻⁶·max|logit| of the fp32 logits on the test models.
 """
 
 from model.cache import init_cache
-from model.config import ATTENTION_IMPLS, ROPE_TYPES, ConfigError, LlamaConfig, RopeConfig
+from model.config import ATTENTION_IMPLS, ConfigError, LlamaConfig
 from model.generate import generate
 from model.llama import Llama
 from model.lora import LoraConfig
 from model.loss import chunked_cross_entropy, chunked_token_nll
 from model.params import abstract_params, boxed_init_fn, count_params, init_params, lm_head_kernel, logical_axes
 from model.presets import PRESETS, preset
-from model.rope import apply_rope, inv_freq_and_scale, rope_angles, rope_cos_sin, rotate, theta_for_length
+from model.rope import (
+    ROPE_TYPES,
+    RopeConfig,
+    RopeType,
+    apply_rope,
+    inv_freq_and_scale,
+    rope_angles,
+    rope_cos_sin,
+    rotate,
+    theta_for_length,
+)
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -38,6 +48,7 @@ __all__ = [
     "LlamaConfig",
     "LoraConfig",
     "RopeConfig",
+    "RopeType",
     "abstract_params",
     "boxed_init_fn",
     "apply_rope",

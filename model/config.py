@@ -1,4 +1,4 @@
-"""Model configuration: `RopeConfig` and `LlamaConfig`, frozen dataclasses with HF config I/O.
+"""Model configuration: `LlamaConfig`, a frozen dataclass with HF config I/O (its `RopeConfig` is in `model.rope`).
 
 Hugging Face configs come in two layouts and both are read and written:
 - transformers v4: top-level ``rope_theta`` plus ``rope_scaling`` (key ``type`` or ``rope_type``);
@@ -17,119 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import schema
+from model.rope import ROPE_TYPES, RopeConfig
 from model.schema import ConfigError, Items
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
 ATTENTION_KERNELS = ("auto", "jnp", "pallas")  # local kernel of blockwise/ring (attention.choose_kernel)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
-
-# Fields each rope type cannot do without (the rest have HF's defaults).
-_REQUIRED_ROPE_FIELDS = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "yarn": ("factor", "original_max_position_embeddings"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
-}
-# Keys of an HF rope dict that map to RopeConfig fields of the same name.
-_ROPE_KEYS = (
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-    "attention_factor",
-    "truncate",
-    "short_factor",
-    "long_factor",
-)
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding settings; every field of every HF rope type (unused ones stay None)."""
-
-    rope_type: str = "default"
-    """default | linear | dynamic | yarn | llama3 | longrope (HF's rope types)"""
-    theta: float = 500000.0
-    """the rotary base θ"""
-    factor: float | None = None
-    """context scaling factor (linear, dynamic, yarn, llama3, longrope)"""
-    low_freq_factor: float | None = None
-    """llama3: wavelengths above original/low_freq_factor are divided by factor"""
-    high_freq_factor: float | None = None
-    """llama3: wavelengths below original/high_freq_factor stay unchanged"""
-    original_max_position_embeddings: int | None = None
-    """the pretraining context length (llama3, yarn, longrope)"""
-    beta_fast: float | None = None
-    """yarn: fast boundary of the correction range (HF default 32)"""
-    beta_slow: float | None = None
-    """yarn: slow boundary of the correction range (HF default 1)"""
-    mscale: float | None = None
-    """yarn: attention-factor scale"""
-    mscale_all_dim: float | None = None
-    """yarn: attention-factor scale divided out over all dims"""
-    attention_factor: float | None = None
-    """yarn/longrope: explicit attention factor on cos and sin"""
-    truncate: bool | None = None
-    """yarn: floor/ceil the correction range (HF default true)"""
-    short_factor: Items[float] | None = None
-    """longrope: per-frequency factors within the original context (head_dim/2 entries)"""
-    long_factor: Items[float] | None = None
-    """longrope: per-frequency factors beyond the original context (head_dim/2 entries)"""
-
-    def __post_init__(self) -> None:
-        if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(f"unknown rope type {self.rope_type!r}: use one of {', '.join(ROPE_TYPES)}.")
-        missing = [f for f in _REQUIRED_ROPE_FIELDS[self.rope_type] if getattr(self, f) is None]
-        if missing:
-            raise ConfigError(
-                f"rope type {self.rope_type!r} needs {', '.join(missing)}: add them to the rope settings."
-            )
-        if not self.theta > 0:
-            raise ConfigError(f"rope theta must be positive, got {self.theta}.")
-        if self.factor is not None and not self.factor > 0:
-            raise ConfigError(f"rope factor must be positive, got {self.factor}.")
-        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-            raise ConfigError(
-                f"llama3 rope needs high_freq_factor > low_freq_factor, got {self.high_freq_factor} and "
-                f"{self.low_freq_factor}: Llama 3.1 uses 4.0 and 1.0."
-            )
-        for name in ("short_factor", "long_factor"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(float(v) for v in value))
-
-    @classmethod
-    def from_hf_dict(cls, rope: dict[str, Any] | None, theta: float | None) -> RopeConfig:
-        """Build from an HF ``rope_scaling`` / ``rope_parameters`` dict and a theta."""
-        rope = dict(rope or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        theta = rope.get("rope_theta", theta)
-        partial = rope.get("partial_rotary_factor")
-        if partial is not None and float(partial) != 1.0:
-            raise ConfigError(
-                f"partial_rotary_factor {partial} is not supported: ringllama rotates the whole head (use 1.0)."
-            )
-        kwargs = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
-        if "truncate" in rope and rope["truncate"] is None:
-            kwargs["truncate"] = False  # transformers reads an explicit null as "do not truncate"
-        return cls(rope_type=rope_type, theta=float(theta if theta is not None else 10000.0), **kwargs)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The HF v5 ``rope_parameters`` dict (v4's ``rope_scaling`` is this minus ``rope_theta``)."""
-        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
-        for k in _ROPE_KEYS:
-            v = getattr(self, k)
-            if v is not None:
-                out[k] = list(v) if isinstance(v, tuple) else v
-        return out
 
 
 @dataclass(frozen=True)
@@ -350,7 +244,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 
     def build(rope: dict[str, Any]) -> RopeConfig:
         rope = dict(rope)
-        if rope.get("rope_type", rope.get("type")) in ("llama3", "yarn", "longrope"):
+        kind = ROPE_TYPES.get(rope.get("rope_type", rope.get("type")))
+        if kind is not None and "original_max_position_embeddings" in kind.required:
             # Like transformers' LlamaConfig: without it, the pretraining length is the model's own.
             rope.setdefault("original_max_position_embeddings", max_pos)
         return RopeConfig.from_hf_dict(rope, theta)

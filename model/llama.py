@@ -148,7 +148,9 @@ class _Embedding(nn.Module):
         return _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
 
 
-class _Scale(nn.Module):
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned ``scale [d]`` (the parameter name HF conversion maps to ``*_layernorm.weight``)."""
+
     config: LlamaConfig
 
     @nn.compact
@@ -198,11 +200,15 @@ class DecoderLayer(nn.Module):
             # inputs are part known, part unknown. Attention (positions known, q/k/v not) would then
             # be differentiated through its chunk loops, saving every chunk's probabilities: O(t²).
             x_btd, ctx = x_btd
-        attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, self.lora, name="attn")(
-            _Scale(self.config, name="input_norm")(x_btd), ctx, layer_cache
-        )
+        # Named scopes: a profile or HLO dump reads "attention" and "mlp", not Flax's module paths.
+        with jax.named_scope("attention"):
+            attn_out, new_cache = Attention(self.config, self.mesh, self.return_kv, self.lora, name="attn")(
+                RMSNorm(self.config, name="input_norm")(x_btd), ctx, layer_cache
+            )
         x_btd = x_btd + attn_out
-        x_btd = x_btd + Mlp(self.config, self.lora, name="mlp")(_Scale(self.config, name="post_attn_norm")(x_btd))
+        with jax.named_scope("mlp"):
+            mlp_out = Mlp(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="post_attn_norm")(x_btd))
+        x_btd = x_btd + mlp_out
         if layer_cache is None:
             x_btd = _constrain(x_btd, ("batch", "length", "embed"), self.mesh)
         return ((x_btd, ctx) if carried else x_btd), new_cache
@@ -270,7 +276,7 @@ class Llama(nn.Module):
                 x, c = layer_cls(cfg, self.mesh, return_kv, self.lora, name=f"layers_{i}")(x, one, ctx)
                 new.append(c)
             new_layer_caches = None if new[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
-        x = _Scale(cfg, name="norm")(x)
+        x = RMSNorm(cfg, name="norm")(x)
         if return_hidden:
             out = x
         else:

@@ -1,4 +1,9 @@
-"""Rotary position embeddings: frequencies for every HF rope type, precise angles, rotation.
+"""Rotary position embeddings: the settings, one table of rope types, precise angles, rotation.
+
+`ROPE_TYPES` is the one place a rope type is defined: name → `RopeType` (its frequency function,
+the `RopeConfig` fields it cannot do without, an optional extra check, and, for types whose
+frequencies follow the traced sequence length, its own cos/sin). A new type is its frequency
+function plus one row; `RopeConfig` validation and HF config reading follow the row.
 
 Layout is HF's half-split (``rotate_half``): for ``x = [x1, x2]`` along head_dim,
 ``out = [x1·cos − x2·sin, x2·cos + x1·sin]``, so HF q/k weights load with a transpose only.
@@ -13,29 +18,115 @@ exact fp32 product), reduces each exact product modulo 2π with a three-part 2π
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import RopeConfig
-
-_DIGIT_BITS = 12
-_NUM_DIGITS = 3  # 36 bits cover every non-negative int32 position
+from model.schema import ConfigError, Items
 
 
-def _split_bits(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split float64 ``x`` into ``hi`` with ``bits`` significant bits and the float64 rest."""
-    mant, expo = np.frexp(x)
-    hi = np.ldexp(np.round(np.ldexp(mant, bits)), expo - bits)
-    return hi, x - hi
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings; every field of every HF rope type (unused ones stay None)."""
+
+    rope_type: str = "default"
+    """a key of `ROPE_TYPES`: default | linear | dynamic | yarn | llama3 | longrope (HF's rope types)"""
+    theta: float = 500000.0
+    """the rotary base θ"""
+    factor: float | None = None
+    """context scaling factor (linear, dynamic, yarn, llama3, longrope)"""
+    low_freq_factor: float | None = None
+    """llama3: wavelengths above original/low_freq_factor are divided by factor"""
+    high_freq_factor: float | None = None
+    """llama3: wavelengths below original/high_freq_factor stay unchanged"""
+    original_max_position_embeddings: int | None = None
+    """the pretraining context length (llama3, yarn, longrope)"""
+    beta_fast: float | None = None
+    """yarn: fast boundary of the correction range (HF default 32)"""
+    beta_slow: float | None = None
+    """yarn: slow boundary of the correction range (HF default 1)"""
+    mscale: float | None = None
+    """yarn: attention-factor scale"""
+    mscale_all_dim: float | None = None
+    """yarn: attention-factor scale divided out over all dims"""
+    attention_factor: float | None = None
+    """yarn/longrope: explicit attention factor on cos and sin"""
+    truncate: bool | None = None
+    """yarn: floor/ceil the correction range (HF default true)"""
+    short_factor: Items[float] | None = None
+    """longrope: per-frequency factors within the original context (head_dim/2 entries)"""
+    long_factor: Items[float] | None = None
+    """longrope: per-frequency factors beyond the original context (head_dim/2 entries)"""
+
+    def __post_init__(self) -> None:
+        kind = ROPE_TYPES.get(self.rope_type)
+        if kind is None:
+            raise ConfigError(f"unknown rope type {self.rope_type!r}: use one of {', '.join(ROPE_TYPES)}.")
+        missing = [f for f in kind.required if getattr(self, f) is None]
+        if missing:
+            raise ConfigError(
+                f"rope type {self.rope_type!r} needs {', '.join(missing)}: add them to the rope settings."
+            )
+        if not self.theta > 0:
+            raise ConfigError(f"rope theta must be positive, got {self.theta}.")
+        if self.factor is not None and not self.factor > 0:
+            raise ConfigError(f"rope factor must be positive, got {self.factor}.")
+        problem = kind.check(self) if kind.check else None
+        if problem:
+            raise ConfigError(problem)
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    @classmethod
+    def from_hf_dict(cls, rope: dict[str, Any] | None, theta: float | None) -> RopeConfig:
+        """Build from an HF ``rope_scaling`` / ``rope_parameters`` dict and a theta."""
+        rope = dict(rope or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", theta)
+        partial = rope.get("partial_rotary_factor")
+        if partial is not None and float(partial) != 1.0:
+            raise ConfigError(
+                f"partial_rotary_factor {partial} is not supported: ringllama rotates the whole head (use 1.0)."
+            )
+        kwargs = {k: rope[k] for k in _ROPE_KEYS if rope.get(k) is not None}
+        if "truncate" in rope and rope["truncate"] is None:
+            kwargs["truncate"] = False  # transformers reads an explicit null as "do not truncate"
+        return cls(rope_type=rope_type, theta=float(theta if theta is not None else 10000.0), **kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF v5 ``rope_parameters`` dict (v4's ``rope_scaling`` is this minus ``rope_theta``)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        for k in _ROPE_KEYS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
 
-# 2π as three pieces of 11 significant bits each: k·piece is exact in fp32 for k < 2^13.
-_TWO_PI_1, _rest = _split_bits(np.float64(2 * math.pi), 11)
-_TWO_PI_2, _rest = _split_bits(_rest, 11)
-_TWO_PI_3 = _rest
+# HF rope-dict keys: every RopeConfig field but the two that HF names differently (rope_type, rope_theta).
+_ROPE_KEYS = tuple(f.name for f in dataclasses.fields(RopeConfig) if f.name not in ("rope_type", "theta"))
+
+
+@dataclass(frozen=True)
+class RopeType:
+    """One row of `ROPE_TYPES`."""
+
+    frequencies: Callable[[RopeConfig, int, int, int | None], tuple[np.ndarray, float]]
+    """``(rope, head_dim, max_position_embeddings, seq_len) -> (inv_freq [head_dim/2] float64, attention factor)``"""
+    required: tuple[str, ...] = ()
+    """`RopeConfig` fields the type cannot do without (the rest take HF's defaults)"""
+    check: Callable[[RopeConfig], str | None] | None = None
+    """a further check of the settings: the error sentence, or None when they are fine"""
+    cos_sin: Callable[[jax.Array, RopeConfig, int, int], tuple[jax.Array, jax.Array]] | None = None
+    """``(positions, rope, head_dim, max_pos) -> (cos, sin)`` for frequencies that follow the traced length"""
 
 
 def default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
@@ -63,35 +154,38 @@ def inv_freq_and_scale(
     ``longrope`` (long factors once the sequence exceeds the pretraining length); like HF,
     it is the largest position + 1.
     """
-    d = head_dim
+    return ROPE_TYPES[rope.rope_type].frequencies(rope, head_dim, max_position_embeddings, seq_len)
+
+
+def _default(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
+    return default_inv_freq(rope.theta, d), 1.0
+
+
+def _linear(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
+    return default_inv_freq(rope.theta, d) / rope.factor, 1.0
+
+
+def _dynamic(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
+    theta = dynamic_theta(rope, d, int(seq_len or max_pos), max_pos)
+    return default_inv_freq(float(theta), d), 1.0
+
+
+def _longrope(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
+    """Per-frequency factors: short ones up to the pretraining length, long ones beyond it."""
     base = default_inv_freq(rope.theta, d)
-    kind = rope.rope_type
-    if kind == "default":
-        return base, 1.0
-    if kind == "linear":
-        return base / rope.factor, 1.0
-    if kind == "dynamic":
-        theta = dynamic_theta(rope, d, int(seq_len or max_position_embeddings), max_position_embeddings)
-        return default_inv_freq(float(theta), d), 1.0
-    if kind == "llama3":
-        return _llama3(rope, base), 1.0
-    if kind == "yarn":
-        return _yarn(rope, d, base)
-    if kind == "longrope":
-        orig = rope.original_max_position_embeddings
-        factor = rope.factor if rope.factor is not None else max_position_embeddings / orig
-        scale = rope.attention_factor
-        if scale is None:
-            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        use_long = seq_len is not None and seq_len > orig
-        ext = np.asarray(rope.long_factor if use_long else rope.short_factor, dtype=np.float64)
-        if ext.shape != base.shape:
-            raise ValueError(f"longrope factors need {base.shape[0]} entries (head_dim/2), got {ext.shape[0]}.")
-        return base / ext, float(scale)
-    raise ValueError(f"unknown rope type {kind!r}")
+    orig = rope.original_max_position_embeddings
+    factor = rope.factor if rope.factor is not None else max_pos / orig
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    use_long = seq_len is not None and seq_len > orig
+    ext = np.asarray(rope.long_factor if use_long else rope.short_factor, dtype=np.float64)
+    if ext.shape != base.shape:
+        raise ValueError(f"longrope factors need {base.shape[0]} entries (head_dim/2), got {ext.shape[0]}.")
+    return base / ext, float(scale)
 
 
-def _llama3(rope: RopeConfig, base: np.ndarray) -> np.ndarray:
+def _llama3(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
     """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a smooth blend between.
 
     The blend weight is ill-conditioned (``orig/wavelen − low`` cancels): an input error δ
@@ -101,6 +195,7 @@ def _llama3(rope: RopeConfig, base: np.ndarray) -> np.ndarray:
     left is torch's own fp32 ``pow`` rounding (≤ 1e-6 relative for Llama 3.1/3.2 settings,
     up to ~3e-6 for factor 32 with high − low = 1).
     """
+    base = default_inv_freq(rope.theta, d)
     orig, factor = rope.original_max_position_embeddings, rope.factor
     low, high = rope.low_freq_factor, rope.high_freq_factor
     # transformers' own fp32 frequencies (fp32 exponent, fp32 power) feed its blend weights.
@@ -112,11 +207,21 @@ def _llama3(rope: RopeConfig, base: np.ndarray) -> np.ndarray:
     smoothed = keep * base / factor + smooth.astype(np.float64) * base
     scaled = np.where(wavelen32 > np.float32(orig / low), base / factor, base)
     medium = ~(wavelen32 < np.float32(orig / high)) & ~(wavelen32 > np.float32(orig / low))
-    return np.where(medium, smoothed, scaled)
+    return np.where(medium, smoothed, scaled), 1.0
 
 
-def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float]:
+def _llama3_check(rope: RopeConfig) -> str | None:
+    if rope.high_freq_factor > rope.low_freq_factor:
+        return None
+    return (
+        f"llama3 rope needs high_freq_factor > low_freq_factor, got {rope.high_freq_factor} and "
+        f"{rope.low_freq_factor}: Llama 3.1 uses 4.0 and 1.0."
+    )
+
+
+def _yarn(rope: RopeConfig, d: int, max_pos: int, seq_len: int | None) -> tuple[np.ndarray, float]:
     """YaRN: ramp from extrapolated to interpolated frequencies across the correction range."""
+    base = default_inv_freq(rope.theta, d)
     factor, orig, theta = rope.factor, rope.original_max_position_embeddings, rope.theta
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -146,6 +251,53 @@ def _yarn(rope: RopeConfig, d: int, base: np.ndarray) -> tuple[np.ndarray, float
     interpolate = (np.float32(1) - extrapolate).astype(np.float64)
     inv = (base / factor) * interpolate + base * extrapolate.astype(np.float64)
     return inv, float(scale)
+
+
+def _dynamic_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int, max_pos: int):
+    # θ depends on a traced length, so the frequencies are built in-graph (fp32 angles).
+    seq_len = jnp.max(positions).astype(jnp.float32) + 1.0
+    theta = dynamic_theta(rope, head_dim, seq_len, max_pos)
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv = 1.0 / (theta**exponents)
+    ang = jnp.einsum("...,f->...f", positions.astype(jnp.float32), inv, precision=jax.lax.Precision.HIGHEST)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def _longrope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int, max_pos: int):
+    # Both frequency sets are host constants; the traced largest position picks one.
+    short, scale = _longrope(rope, head_dim, max_pos, None)
+    long, _ = _longrope(rope, head_dim, max_pos, 1 << 62)
+    use_long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    ang = jnp.where(use_long, rope_angles(positions, long), rope_angles(positions, short))
+    return jnp.cos(ang) * scale, jnp.sin(ang) * scale
+
+
+_ORIG = "original_max_position_embeddings"
+ROPE_TYPES: dict[str, RopeType] = {
+    "default": RopeType(_default),
+    "linear": RopeType(_linear, ("factor",)),
+    "dynamic": RopeType(_dynamic, ("factor",), cos_sin=_dynamic_cos_sin),
+    "yarn": RopeType(_yarn, ("factor", _ORIG)),
+    "llama3": RopeType(_llama3, ("factor", "low_freq_factor", "high_freq_factor", _ORIG), check=_llama3_check),
+    "longrope": RopeType(_longrope, ("short_factor", "long_factor", _ORIG), cos_sin=_longrope_cos_sin),
+}
+
+
+_DIGIT_BITS = 12
+_NUM_DIGITS = 3  # 36 bits cover every non-negative int32 position
+
+
+def _split_bits(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split float64 ``x`` into ``hi`` with ``bits`` significant bits and the float64 rest."""
+    mant, expo = np.frexp(x)
+    hi = np.ldexp(np.round(np.ldexp(mant, bits)), expo - bits)
+    return hi, x - hi
+
+
+# 2π as three pieces of 11 significant bits each: k·piece is exact in fp32 for k < 2^13.
+_TWO_PI_1, _rest = _split_bits(np.float64(2 * math.pi), 11)
+_TWO_PI_2, _rest = _split_bits(_rest, 11)
+_TWO_PI_3 = _rest
 
 
 def _reduce_exact(x: jax.Array) -> jax.Array:
@@ -189,20 +341,9 @@ def rope_cos_sin(
     ``dynamic`` builds its θ in-graph, so its angles are plain fp32 ``pos · inv_freq`` (off by
     up to ~pos·2⁻²⁴ rad, as in transformers); every other type gets `rope_angles`' precision.
     """
-    if rope.rope_type == "dynamic":
-        # θ depends on a traced length, so the frequencies are built in-graph (fp32 angles).
-        seq_len = jnp.max(positions).astype(jnp.float32) + 1.0
-        theta = dynamic_theta(rope, head_dim, seq_len, max_position_embeddings)
-        exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-        inv = 1.0 / (theta**exponents)
-        ang = jnp.einsum("...,f->...f", positions.astype(jnp.float32), inv, precision=jax.lax.Precision.HIGHEST)
-        return jnp.cos(ang), jnp.sin(ang)
-    if rope.rope_type == "longrope":
-        short, scale = inv_freq_and_scale(rope, head_dim, max_position_embeddings, seq_len=None)
-        long, _ = inv_freq_and_scale(rope, head_dim, max_position_embeddings, seq_len=1 << 62)
-        use_long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
-        ang = jnp.where(use_long, rope_angles(positions, long), rope_angles(positions, short))
-        return jnp.cos(ang) * scale, jnp.sin(ang) * scale
+    own = ROPE_TYPES[rope.rope_type].cos_sin
+    if own is not None:
+        return own(positions, rope, head_dim, max_position_embeddings)
     inv, scale = inv_freq_and_scale(rope, head_dim, max_position_embeddings)
     ang = rope_angles(positions, inv)
     return jnp.cos(ang) * scale, jnp.sin(ang) * scale

@@ -17,7 +17,8 @@ from evals.cli import main
 from evals.loading import load_eval_tokenizer, load_model
 from evals.report import HEATMAP_DPI, HEATMAP_SIZE
 from evals.runner import Runner
-from text import niah_sample, passkey_sample
+from evals.tasks import Cell, cell_rng
+from text import ByteTokenizer, niah_sample, passkey_sample
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,26 @@ def test_cli_bad_input_exits_2(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists() and not os.listdir(tmp_path)
+
+
+def test_cli_passkey_template_short(tmp_path, capsys):
+    """``--template short`` (the demo's passkey prompt, no instruction head) fits where the classic one cannot."""
+    args = ["passkey", "--model", "preset:tiny", "--lengths", "160", "--depths", "50", "--samples", "1"]
+    assert _cli(args, tmp_path / "classic") == 2
+    assert "below the prompt overhead" in capsys.readouterr().err
+    out = tmp_path / "short"
+    assert _cli([*args, "--template", "short"], out) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["template"] == "short"
+    # The scored sample is the short-template one the cell's seed draws.
+    expected = passkey_sample(
+        ByteTokenizer(), 160, 0.5, rng=cell_rng(0, Cell("passkey", 160, 0.5), 0), template="short"
+    )
+    (record,) = data["records"]
+    assert record["prompt_tokens"] == len(expected.prompt_ids) == 160 and record["answer"] == expected.answer
+    with pytest.raises(SystemExit) as exc:
+        _cli([*args, "--template", "long"], tmp_path / "bad")
+    assert exc.value.code == 2 and "invalid choice: 'long'" in capsys.readouterr().err
 
 
 def test_cli_unknown_task_exits_2(tmp_path, capsys):

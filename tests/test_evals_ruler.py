@@ -7,8 +7,10 @@ from collections import Counter
 import pytest
 
 from evals.chat import llama3_chat_format
+from evals.loading import EvalInputError
 from evals.qa import qa_sample
 from evals.ruler import RULER_TASKS, ruler_sample
+from evals.tasks import TASKS, TaskSettings, command_tasks, make_task
 from text.haystack import HaystackError
 from text.synthetic import passkey_sample
 from text.tokenizer import ByteTokenizer
@@ -115,3 +117,26 @@ def test_chat_template_frames_the_prompt(tmp_path):
     assert tail.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nThe pass key is")
     with pytest.raises(ValueError, match="chat tokens"):
         llama3_chat_format(TOK)
+
+
+def test_task_registry_builds_each_task_from_its_generator(tmp_path):
+    """`evals.tasks.TASKS` hands out the generators themselves, with the settings passed through."""
+    short = make_task("passkey", TaskSettings(filler="prose", template="short"))
+    assert short.uses_depth and short.metric == "all"
+    assert short.make(TOK, 400, 0.3, 1, None) == passkey_sample(TOK, 400, 0.3, 1, "prose", template="short")
+    for name in RULER_TASKS:
+        task = make_task(name)
+        assert not task.uses_depth and task.make(TOK, 1500, 0.5, 5, None) == ruler_sample(name, TOK, 1500, rng=5)
+    assert {spec.command for spec in TASKS.values()} == {"passkey", "niah", "ruler"}
+    # The ruler command runs every RULER task, and qa only once a QA file is given.
+    assert [t.name for t in command_tasks("ruler", TaskSettings())] == list(RULER_TASKS)
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps([{"question": "Who?", "answer": "Ann", "context": [["T", ["Ann did it."]]]}]))
+    with_qa = command_tasks("ruler", TaskSettings(qa_file=str(path)))
+    assert [t.name for t in with_qa] == [*RULER_TASKS, "qa"] and with_qa[-1].metric == "part"
+    with pytest.raises(EvalInputError, match="unknown RULER task 'passkey'"):
+        command_tasks("ruler", TaskSettings(), ["passkey"])
+    with pytest.raises(EvalInputError, match="the qa task needs --qa-file"):
+        command_tasks("ruler", TaskSettings(), ["qa"])
+    with pytest.raises(EvalInputError, match="passkey template 'long' is unknown"):
+        make_task("passkey", TaskSettings(template="long"))

@@ -1,4 +1,5 @@
-"""Packing: no cross-document attention, per-document positions, no tokens lost, long documents continue.
+"""Packing: no cross-document attention, per-document positions, no tokens lost, long documents continue
+(and unpack back, PoSE rows included).
 
 Documents are built so that every token names itself: token = 1000·(doc + 1) + index in the
 document. From a packed slot alone we can then tell which document and which position it
@@ -10,6 +11,7 @@ import pytest
 
 from attention import make_mask
 from train.packing import Doc, pack_documents, unpack_documents
+from train.pose import apply_pose, chunk_positions, draw_chunks, pose_rng
 
 SEQ = 32
 
@@ -104,3 +106,40 @@ def test_fixed_row_count_and_bad_mode():
     assert batch["tokens"].shape == (2, SEQ) and np.all(batch["segment_ids"] > 0)
     with pytest.raises(ValueError, match="unknown packing mode 'greedy'"):
         pack_documents([[1, 2]], SEQ, mode="greedy")
+
+
+@pytest.mark.parametrize("mode", ["fit", "split"])
+def test_unpack_rejoins_documents_across_pose_rows(mode):
+    """PoSE re-bases every piece to position 0; the rows' targets still rejoin each continued document.
+
+    Weights 0 on every continuation's first prediction: the target id alone must carry the link.
+    """
+    docs = _docs(LENGTHS)
+    plain = pack_documents(docs, SEQ, mode=mode)
+    continued = (plain["segment_ids"][1:, 0] == 1) & (plain["positions"][1:, 0] > 0)  # rows 1.. that continue
+    weights = [np.ones(len(d), np.float32) for d in docs]
+    for doc, offset in zip(*_doc_and_index(plain["tokens"][1:, 0][continued]), strict=True):
+        weights[doc][offset] = 0.0
+    batch = pack_documents([Doc(d, w) for d, w in zip(docs, weights, strict=True)], SEQ, mode=mode)
+    ends = np.flatnonzero(continued)  # row-final tokens that predict a continuation: weight 0, target kept
+    assert len(ends) >= 3 and (batch["loss_mask"][ends, -1] == 0).all() and (batch["targets"][ends, -1] > 0).all()
+    starts, skips = draw_chunks(pose_rng(11, 0), len(batch["tokens"]), SEQ, 4 * SEQ, 3)
+    pose = apply_pose(batch, chunk_positions(starts, skips, SEQ))
+    assert (pose["positions"][1:, 0][continued] == 0).all()  # the positions no longer say "continued"
+    for a, b in zip(unpack_documents(pose), docs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unpack_refuses_a_pose_row_it_cannot_read():
+    """Token id 0 continuing a document after a weight-0 target: in a PoSE row this equals a document end."""
+    first = np.arange(SEQ + 4, dtype=np.int32) + 1000
+    first[SEQ] = 0  # row 1 starts with token 0 ...
+    weights = np.ones(SEQ + 4, np.float32)
+    weights[SEQ] = 0.0  # ... whose prediction from row 0's last token has weight 0
+    batch = pack_documents([Doc(first, weights), _docs([6])[0]], SEQ, mode="split")
+    assert batch["targets"][0, -1] == 0 and batch["loss_mask"][0, -1] == 0
+    np.testing.assert_array_equal(unpack_documents(batch)[0], first)  # plain rows: the positions decide
+    rebased = apply_pose(batch, np.tile(np.arange(SEQ, dtype=np.int32), (len(batch["tokens"]), 1)))
+    assert rebased["positions"][1, 0] == 0
+    with pytest.raises(ValueError, match="cannot tell whether row 1 continues the document row 0 ends in"):
+        unpack_documents(rebased)

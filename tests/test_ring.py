@@ -4,7 +4,8 @@ Each case lays tokens, positions and segment ids out for the ring (`attention.la
 `sharded_attention` with the global arrays, brings the output back to natural order and
 compares outputs, LSE and dq/dk/dv with the reference. Axes are covered pairwise: ring sizes
 1/2/4/8, layouts, causal/bidirectional, GQA ratios 1/2/4/8, packed documents crossing shard
-boundaries, batch on data/fsdp and heads on tensor at the same time.
+boundaries, batch on data/fsdp and heads on tensor at the same time; and per-device blocks that
+are not a multiple of the chunk, so padded K/V blocks travel the ring.
 """
 
 import flax.linen as nn
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 
 from attention import attention, instrument
+from attention import ring as ring_module
 from attention.axes import RulesError
+from attention.flash import pad_keys
 from attention.layout import from_layout, to_layout
 from attention.masks import make_mask
 from attention.reference import reference_attention
@@ -31,20 +34,20 @@ def _rules():
         yield
 
 
-def _inputs(seed, b, kv_heads, dtype=np.float32):
+def _inputs(seed, b, kv_heads, dtype=np.float32, length=LENGTH):
     # numpy inputs: no eager jax ops, so each case compiles exactly one program.
     rng = np.random.default_rng(seed)
     normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
-    q = normal(b, LENGTH, N_HEADS, HEAD_DIM).astype(dtype)
-    k = normal(b, LENGTH, kv_heads, HEAD_DIM).astype(dtype)
-    v = normal(b, LENGTH, kv_heads, HEAD_DIM).astype(dtype)
-    return q, k, v, normal(b, LENGTH, N_HEADS, HEAD_DIM), normal(b, LENGTH, N_HEADS)
+    q = normal(b, length, N_HEADS, HEAD_DIM).astype(dtype)
+    k = normal(b, length, kv_heads, HEAD_DIM).astype(dtype)
+    v = normal(b, length, kv_heads, HEAD_DIM).astype(dtype)
+    return q, k, v, normal(b, length, N_HEADS, HEAD_DIM), normal(b, length, N_HEADS)
 
 
-def _documents(b):
+def _documents(b, length=LENGTH):
     # Document boundaries at positions that are not shard boundaries for any ring size (5, 13, 27 / 3, 19),
     # so documents span shards in every layout.
-    pos = np.arange(LENGTH)
+    pos = np.arange(length)
     rows = [np.searchsorted([5, 13, 27], pos, side="right"), np.searchsorted([3, 19], pos, side="right")]
     return np.stack([rows[i % 2] for i in range(b)]).astype(np.int32)
 
@@ -69,13 +72,15 @@ def _run(fn, reference, q, k, v, d_out, d_lse):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), (got, want))
 
 
-def _ring_vs_reference(mesh_cfg, layout, causal, kv_heads, packed, dtype=jnp.float32, skip=True, seed=0):
+def _ring_vs_reference(
+    mesh_cfg, layout, causal, kv_heads, packed, dtype=jnp.float32, skip=True, seed=0, length=LENGTH, chunk=4
+):
     mesh = make_mesh(mesh_cfg)
     ring = mesh_cfg.sequence
     b = 2 * mesh_cfg.data * mesh_cfg.fsdp
-    q, k, v, d_out, d_lse = _inputs(seed, b, kv_heads, dtype)
-    pos = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (b, LENGTH)).copy()
-    seg = _documents(b) if packed else None
+    q, k, v, d_out, d_lse = _inputs(seed, b, kv_heads, dtype, length)
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
+    seg = _documents(b, length) if packed else None
 
     def ring_fn(q, k, v):
         lay = lambda x: None if x is None else to_layout(x, ring, layout)  # noqa: E731
@@ -89,7 +94,7 @@ def _ring_vs_reference(mesh_cfg, layout, causal, kv_heads, packed, dtype=jnp.flo
             kv_positions=lay(pos),
             q_segment_ids=lay(seg),
             kv_segment_ids=lay(seg),
-            chunk_size=4,
+            chunk_size=chunk,
             skip_future_hops=skip,
             return_lse=True,
         )
@@ -125,6 +130,34 @@ def test_ring_matches_reference(mesh_cfg, layout, causal, kv_heads, packed):
     assert out.shape == out_r.shape == (2 * mesh_cfg.data * mesh_cfg.fsdp, LENGTH, N_HEADS, HEAD_DIM)
     assert _max_diff(out, out_r) <= 1e-5
     assert _max_diff(lse, lse_r) <= 1e-5
+    for g, g_r in zip(grads, grads_r, strict=True):
+        assert _max_diff(g, g_r) <= 1e-4
+
+
+# (layout, causal, kv heads, length, chunk): per-device blocks of 5 (chunk 4) and 12 (chunk 5, zigzag halves of 6),
+# so every shard pads its K/V block with masked keys and the padded block travels round the 8-device ring.
+PADDED = [
+    ("contiguous", True, 2, 40, 4),
+    ("striped", False, 8, 40, 4),
+    ("zigzag", True, 4, 96, 5),
+]
+
+
+@pytest.mark.parametrize(("layout", "causal", "kv_heads", "length", "chunk"), PADDED, ids=str)
+def test_ring_with_padded_blocks_matches_reference(layout, causal, kv_heads, length, chunk, monkeypatch):
+    pads = []
+
+    def spy(k, v, positions, segments, multiple):
+        pads.append(-k.shape[1] % multiple)
+        return pad_keys(k, v, positions, segments, multiple)
+
+    monkeypatch.setattr(ring_module, "pad_keys", spy)
+    cfg = MeshConfig(data=1, fsdp=1, tensor=1, sequence=8)
+    (out, lse, grads), (out_r, lse_r, grads_r) = _ring_vs_reference(
+        cfg, layout, causal, kv_heads, True, length=length, chunk=chunk
+    )
+    assert pads and all(p > 0 for p in pads)  # the K/V blocks were padded
+    assert _max_diff(out, out_r) <= 1e-5 and _max_diff(lse, lse_r) <= 1e-5
     for g, g_r in zip(grads, grads_r, strict=True):
         assert _max_diff(g, g_r) <= 1e-4
 

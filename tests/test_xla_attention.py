@@ -2,9 +2,10 @@
 
 On CPU the lowered program is the evidence: with default positions `attention(impl="xla")`
 must lower to exactly the program of ``jax.nn.dot_product_attention(..., is_causal=True)``
-and contain no per-batch ``[b, t, s]`` boolean mask (the one the old code built from positions
-and passed in). XLA's own CPU implementation of ``is_causal`` still forms an iota ``[t, s]``
-comparison inside its softmax; cuDNN's causal mask type replaces it on GPU.
+and contain no per-batch ``[b, t, s]`` mask, boolean or float (an additive bias) — the one the
+old code built from positions and passed in. XLA's own CPU implementation of ``is_causal`` still
+forms an iota ``[t, s]`` comparison inside its softmax; cuDNN's causal mask type replaces it on
+GPU. The fallback (blockwise) program holds no ``[t, s]`` plane of any element type at all.
 """
 
 import re
@@ -22,8 +23,22 @@ from attention.xla import cudnn_supported
 B, T, N, KV, H = 3, 128, 4, 2, 16  # distinct sizes, so a shape in the program names its axes
 
 
-def _bool_shapes(text: str) -> set[str]:
-    return set(re.findall(r"tensor<([0-9x]*)xi1>", text))
+_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]\w*)>")
+
+
+def _tensors(text: str) -> set[tuple[tuple[int, ...], str]]:
+    """``(shape, element type)`` of every tensor in a lowered program."""
+    return {(tuple(int(d) for d in dims.split("x") if d), elem) for dims, elem in _TENSOR.findall(text)}
+
+
+def _planes(text: str) -> set[tuple[tuple[int, ...], str]]:
+    """The tensors whose last two dims are a whole ``[t, s]`` plane, of any element type."""
+    return {(shape, elem) for shape, elem in _tensors(text) if shape[-2:] == (T, T)}
+
+
+def _masks(text: str) -> set[tuple[tuple[int, ...], str]]:
+    """Per-batch ``[b, t, s]`` / ``[b, 1, t, s]`` planes of any element type: a mask or an additive bias."""
+    return {(shape, elem) for shape, elem in _planes(text) if shape in ((B, T, T), (B, 1, T, T))}
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -32,12 +47,11 @@ def test_xla_default_positions_builds_no_mask(causal):
     kv = jax.ShapeDtypeStruct((B, T, KV, H), jnp.float32)
     ours = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, impl="xla")).lower(q, kv, kv).as_text()
     plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)).lower(q, kv, kv)
-    bools = _bool_shapes(ours)
-    assert f"{B}x{T}x{T}" not in bools and f"{B}x1x{T}x{T}" not in bools, bools
+    assert not _masks(ours), _masks(ours)
     # No mask, no position arrays, no zeroing of empty rows: the whole program is JAX's own.
     assert ours == plain.as_text()
     if not causal:
-        assert not bools
+        assert not any(elem == "i1" for _, elem in _tensors(ours))
 
 
 def test_xla_matches_reference_and_falls_back_for_positions_and_segments():
@@ -70,8 +84,21 @@ def test_xla_fallback_program_has_no_dense_mask():
     def fn(q, k, v, pos):
         return attention(q, k, v, impl="xla", q_positions=pos, kv_positions=pos, chunk_size=32, kernel="jnp")
 
-    bools = _bool_shapes(jax.jit(fn).lower(q, kv, kv, pos).as_text())
-    assert not any(shape.endswith(f"x{T}x{T}") for shape in bools), bools
+    planes = _planes(jax.jit(fn).lower(q, kv, kv, pos).as_text())
+    assert not planes, planes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.float32])
+def test_the_checks_see_bool_and_float_masks(dtype):
+    """A dense mask handed to JAX's attention, as a boolean ``mask`` or a float ``bias``, is what they reject."""
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, KV, H), jnp.float32)
+    dense = jax.ShapeDtypeStruct((B, 1, T, T), dtype)
+    key = "mask" if dtype == jnp.bool_ else "bias"
+    text = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, **{key: m})).lower(q, kv, kv, dense)
+    text = text.as_text()
+    elem = "i1" if dtype == jnp.bool_ else "f32"
+    assert ((B, 1, T, T), elem) in _masks(text) and ((B, 1, T, T), elem) in _planes(text)
 
 
 def test_cudnn_supported_rules():

@@ -174,20 +174,44 @@ def pack_documents(docs: Iterable, seq_len: int, mode: str = "fit", rows: int | 
 
 
 def unpack_documents(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Reassemble the documents of contiguous-layout rows (inverse of packing; for tests and debugging).
+    """Reassemble the documents of contiguous-layout rows given in stream order (for tests and debugging).
 
-    A segment whose first position is not 0 continues the document that was open at the end
-    of the previous row.
+    The inverse of packing, PoSE rows (`train.pose`) included. A document that goes on past its
+    row is the next row's segment 1, and packing says so twice: the continuation's positions
+    carry on from where the row stopped, and the row's last token keeps a target (the
+    document's next token; a document's own last token has none). PoSE re-bases every piece to
+    position 0, which leaves the target: the piece continues when the previous row's last token
+    has a target (a non-zero id or weight) and that target is the piece's first token.
+
+    Raises:
+        ValueError: a row starting at position 0 with token id 0 after a row whose last token's
+            target is id 0 with weight 0 — a finished document and a PoSE continuation look the same.
     """
     docs: list[list[int]] = []
-    open_doc: list[int] | None = None
-    for tok, pos, seg in zip(batch["tokens"], batch["positions"], batch["segment_ids"], strict=True):
+    last = None  # (document, its row-final token has a target, that target id) when the previous row ends in one
+    rows = zip(*(batch[k] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")), strict=True)
+    for r, (tok, pos, seg, tgt, weight) in enumerate(rows):
         for s in np.unique(seg[seg > 0]):
             where = seg == s
-            ids, p = tok[where].tolist(), pos[where]
-            if p[0] != 0 and open_doc is not None and len(open_doc) == p[0]:
-                open_doc.extend(ids)
+            ids, first_pos = tok[where].tolist(), int(pos[where][0])
+            if where[0] and last is not None and _continues(r, *last, ids[0], first_pos):
+                last[0].extend(ids)
             else:
-                open_doc = list(ids)
-                docs.append(open_doc)
+                docs.append(ids)
+        last = (docs[-1], bool(weight[-1] > 0 or tgt[-1] != 0), int(tgt[-1])) if seg[-1] > 0 else None
     return [np.asarray(d, np.int32) for d in docs]
+
+
+def _continues(r: int, doc: list[int], has_target: bool, target: int, first_id: int, first_pos: int) -> bool:
+    """Whether row ``r``'s first piece (token ``first_id`` at ``first_pos``) continues ``doc`` from row ``r − 1``."""
+    if first_pos:  # plain rows: a continuation's positions carry on, a new document's start at 0
+        return first_pos == len(doc)
+    if has_target:  # positions restart (PoSE): the previous row's last target names the next token
+        return target == first_id
+    if first_id == 0:
+        raise ValueError(
+            f"unpack_documents cannot tell whether row {r} continues the document row {r - 1} ends in: the row "
+            "restarts at position 0 (as PoSE rows do) with token id 0, and a last target of id 0 with weight 0 "
+            "also marks a finished document."
+        )
+    return False

@@ -20,7 +20,7 @@ column: it starts at position 0 (a document continued from the previous row too)
 positions jump by ``u_i − u_{i−1}`` where it crosses boundary ``c_i``. Every position stays
 in ``[0, T)`` and increases strictly within a segment. Padding keeps its column positions.
 A document that lies inside one chunk sees no skip, so PoSE works best on long documents.
-(`train.packing.unpack_documents` cannot rejoin continued documents of PoSE rows: they restart at 0.)
+(`train.packing.unpack_documents` rejoins a continued document by the target its previous row ends with.)
 
 Randomness: one `numpy.random.Generator` per batch from ``(seed, batch index)`` (`pose_rng`),
 so an iterator restored from its saved state (which holds the batch count) draws the same

@@ -26,7 +26,7 @@ import numpy as np
 from evals.evaluate import aggregate, evaluate
 from evals.report import write_task_results
 from evals.runner import Runner
-from evals.tasks import grid, passkey_task
+from evals.tasks import TaskSettings, grid, make_task
 from model.config import LlamaConfig
 from train.data import heldout_batches
 from train.data_config import DataConfig
@@ -96,7 +96,7 @@ def passkey_grid(
     data_shards = dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1)
     batch_size = max(data_shards, -(-batch_size // data_shards) * data_shards)
     runner = Runner(model_cfg, params, mesh=mesh, batch_size=batch_size, pad_multiple=8, pad_id=tokenizer.pad_id)
-    task = passkey_task(filler, template)
+    task = make_task("passkey", TaskSettings(filler=filler, template=template))
     per_depth = max(1, samples // max(len(depths), 1))
     records = []
     for length in lengths:
