@@ -100,15 +100,27 @@ def plot_accuracy_vs_length(path: str, by_length: Sequence[dict]) -> None:
     plt.close(fig)
 
 
-def plot_extension(path: str, series: dict[str, dict], title: str = "passkey accuracy vs context length") -> str:
+def plot_extension(
+    path: str,
+    series: dict[str, dict],
+    title: str = "passkey accuracy vs context length",
+    curves: dict[str, list[dict]] | None = None,
+) -> str:
     """Accuracy vs context length, one line per model, each model's training length marked.
 
     Args:
         path: the PNG to write (atomically).
         series: ``{label: {"accuracy": {length: score}, "trained_length": int | None}}``, in legend order.
+        curves: optional learning curves ``{label: [{"step": int, "accuracy": {length: score}}, …]}``
+            (labels as in ``series``), drawn in a second panel: accuracy against training step, a
+            solid line for the shorter length and a dashed one for the longer, in each model's colour.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(HEATMAP_SIZE[0], HEATMAP_SIZE[1] + 0.3 * (len(series) + 1) // 2), dpi=HEATMAP_DPI)
+    height = HEATMAP_SIZE[1] + 0.3 * (len(series) + 1) // 2
+    if curves:
+        fig, (ax, cax) = plt.subplots(1, 2, figsize=(2 * HEATMAP_SIZE[0], height), dpi=HEATMAP_DPI)
+    else:
+        fig, ax = plt.subplots(figsize=(HEATMAP_SIZE[0], height), dpi=HEATMAP_DPI)
     lengths = sorted({int(n) for s in series.values() for n in s["accuracy"]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(series.items()):
@@ -131,11 +143,33 @@ def plot_extension(path: str, series: dict[str, dict], title: str = "passkey acc
     ax.grid(alpha=0.3)
     # Below the axes: lines cross the whole plot, so any legend inside it hides some of them.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    if curves:
+        _plot_curves(cax, series, curves, colors)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=HEATMAP_DPI)
     plt.close(fig)
     return path
+
+
+def _plot_curves(ax, series: dict[str, dict], curves: dict[str, list[dict]], colors: list[str]) -> None:
+    order = list(series)
+    lengths = sorted({int(n) for pts in curves.values() for p in pts for n in p["accuracy"]})
+    styles = ["-", "--", ":", "-."]
+    for label, pts in curves.items():
+        color = colors[order.index(label) % len(colors)] if label in order else None
+        for j, n in enumerate(lengths):
+            xy = [(p["step"], p["accuracy"][str(n)]) for p in pts if str(n) in p["accuracy"]]
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker=".", ls=styles[j % len(styles)], color=color)
+    for j, n in enumerate(lengths):  # a legend of line styles (colours are the left panel's)
+        ax.plot([], [], ls=styles[j % len(styles)], color="gray", label=f"at {format_length(n)} tokens")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("training step of the stage (0: the model it starts from)")
+    ax.set_ylabel("passkey accuracy (teacher-forced)")
+    ax.set_title("learning curves (colours as on the left)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 
 
 def plot_perplexity(path: str, records: Sequence[dict]) -> None:

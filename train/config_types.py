@@ -95,6 +95,12 @@ class EvalConfig:
     """passkey prompt: 'classic' or 'short' (no instruction head)"""
     passkey_batch: int = 8
     """passkey prompts per forward pass"""
+    curve_every: int = 0
+    """also score passkey every N steps of each training stage, for learning curves (0: only at stage ends)"""
+    curve_lengths: Items[int] = ()
+    """context lengths of the learning-curve points (default: the stage's target length and twice it)"""
+    curve_samples: int = 20
+    """passkey prompts per length at each learning-curve point"""
 
 
 @dataclass(frozen=True)

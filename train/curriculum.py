@@ -92,6 +92,7 @@ class _RunContext:
     stop_after: int | None
     lead: bool
     say: Any
+    reporter: Reporter  # end-of-stage evals and learning-curve points
 
 
 def run(
@@ -161,7 +162,7 @@ def run(
     if meta:
         say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
 
-    ctx = _RunContext(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say)
+    ctx = _RunContext(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say, reporter)
     state, prev_plan, last_saved = None, None, (global_step if meta else None)
     branch_points = {p.stage.from_stage for p in plans if p.stage.from_stage is not None}
     ends: dict[str, Any] = {}  # host copies of the stage-end states that later stages branch from
@@ -266,6 +267,8 @@ def _train_stage(ctx: _RunContext, stage: StageRun, state: TrainState, global_st
         if stage_step == steps or stopping or (every and global_step % every == 0):
             _save(ctx, plan, state, global_step, stage_step, done_state)
             last_saved = global_step
+        if ctx.reporter.wants_curve_point(plan, stage_step):
+            ctx.reporter.curve_point(_merged_view(state, stage.engine), stage, stage_step)
         if stopping:
             break
     if bar is not None:

@@ -22,11 +22,17 @@ from typing import Any
 import jax
 
 from convert.atomic import atomic_file
-from evals.report import plot_extension
 from model import schema
 from text.tokenizer import load_tokenizer
 from train.config import StagePlan, TrainConfig, start_plan
 from train.export import check_transformers, export_final, hf_greedy_passkey
+from train.extension import (
+    RETRIEVAL_TARGET,
+    curve_lengths,
+    extension,
+    extension_table,
+    plot_extension_figure,
+)
 from train.metrics import read_metrics
 from train.stage import StageRun
 from train.stage_eval import PASSKEY_RESERVE, heldout_perplexity, passkey_grid, passkey_table, write_passkey_results
@@ -55,6 +61,7 @@ class Reporter:
             with open(self.path) as fh:
                 self.data = json.load(fh)
         self.data.setdefault("stages", {})
+        self.data.setdefault("curves", {})  # stage name -> learning-curve points (kept across --resume)
         self.data["config"] = schema.to_dict(cfg)
 
     def has_stage(self, name: str) -> bool:
@@ -94,10 +101,45 @@ class Reporter:
                 self.say(f"{plan.name}: held-out perplexity at {length} tokens = {ppl['perplexity']:.3f}")
         if cfg.eval.passkey_lengths:
             out["passkey"] = self._passkey(state, plan, mesh)
+        if cfg.eval.curve_every and stage.steps:
+            out["curve"] = self.data["curves"].get(plan.name, []) + [self._closing_point(state, run, out)]
         out["eval_seconds"] = time.time() - t0
         self.data["stages"][plan.name] = out
         self._write()
         return records
+
+    def wants_curve_point(self, plan: StagePlan, stage_step: int) -> bool:
+        every = self.cfg.eval.curve_every
+        return every > 0 and stage_step % every == 0 and stage_step < plan.stage.steps
+
+    def curve_point(self, state, run: StageRun, stage_step: int) -> dict:
+        """Passkey accuracy at the curve lengths after ``stage_step`` steps of the stage (a learning-curve point).
+
+        The prompts are those of the end-of-stage grid (same seed), so points of one stage and of
+        sibling branches are scored on the same passkeys; the stage-end score closes each curve.
+        """
+        plan, ev = run.plan, self.cfg.eval
+        lengths = curve_lengths(ev, plan)
+        _, agg = passkey_grid(
+            state.params, plan.model, run.mesh, load_tokenizer(plan.data.tokenizer), lengths=lengths,
+            samples=ev.curve_samples, depths=ev.passkey_depths, filler=ev.passkey_filler,
+            template=ev.passkey_template, batch_size=ev.passkey_batch, seed=self.cfg.seed + 7,
+        )  # fmt: skip
+        point = {"step": stage_step, "accuracy": {str(r["length"]): r["score"] for r in agg["by_length"]}}
+        curve = [p for p in self.data["curves"].get(plan.name, []) if p["step"] < stage_step]
+        self.data["curves"][plan.name] = [*curve, point]
+        self._write()
+        shown = ", ".join(f"{n}: {v:.0%}" for n, v in point["accuracy"].items())
+        self.say(f"{plan.name}: step {stage_step}: passkey {shown}")
+        return point
+
+    def _closing_point(self, state, run: StageRun, out: dict) -> dict:
+        """The curve's last point: the stage-end grid's scores where it has the curve lengths, else scored now."""
+        lengths = curve_lengths(self.cfg.eval, run.plan)
+        scored = out.get("passkey", {}).get("accuracy", {})
+        if all(str(n) in scored for n in lengths):
+            return {"step": run.plan.stage.steps, "accuracy": {str(n): scored[str(n)] for n in lengths}}
+        return self.curve_point(state, run, run.plan.stage.steps)
 
     def _passkey(self, state, plan: StagePlan, mesh) -> dict:
         ev = self.cfg.eval
@@ -205,9 +247,6 @@ def _extension_verdict(stages: dict) -> list[str]:
     ]
 
 
-RETRIEVAL_TARGET = 0.9
-
-
 def greedy_line(result: dict) -> str:
     """One line: how many fresh prompts transformers' greedy decoding of the export got right."""
     shown = "; ".join(f"{e['key']} → {e['generated'].strip()!r}" for e in result["examples"][:3])
@@ -225,109 +264,6 @@ def _step_cost(run_dir: str, stage: str) -> dict:
         return {}
     steady = sorted(times[1:] or times)
     return {"step_seconds": steady[len(steady) // 2], "train_seconds": float(sum(times))}
-
-
-def extension(stages: dict, plans: list[StagePlan]) -> dict | None:
-    """Stage 1 against the final stage and its sibling branches, at the training and the target length.
-
-    The last stage is the extended model (its ``seq_len``, or its PoSE target, is ``target_length``);
-    "stage 1" is the stage it starts from (trained at ``train_length``). A *control* is another stage branched
-    from the same stage as the last one, at the same length, with θ unchanged from that stage (so it
-    differs from the extension only in θ); other siblings (e.g. a PoSE branch) are listed under
-    ``branches``. Accuracies are the teacher-forced passkey scores of the per-stage tables (None where
-    a length was not scored); None when the first or the last stage has no passkey results.
-    """
-    final = plans[-1]
-    base = src = start_plan(plans, final)
-    if base is None or any("passkey" not in stages.get(p.name, {}) for p in (base, final)):
-        return None
-    target = _target_length(final)
-    train_len = base.stage.seq_len
-
-    def acc(p: StagePlan | None, n: int):
-        return None if p is None else stages[p.name]["passkey"]["accuracy"].get(str(n))
-
-    siblings = [p for p in plans[1:-1] if start_plan(plans, p) is src and "passkey" in stages.get(p.name, {})]
-    control = next(
-        (p for p in siblings if _target_length(p) == target and p.model.rope.theta == src.model.rope.theta
-         and p.stage.seq_len == final.stage.seq_len),
-        None,
-    )  # fmt: skip
-
-    def model(p: StagePlan) -> dict:
-        s = stages[p.name]
-        return {"stage": p.name, "seq_len": p.stage.seq_len, "target_length": _target_length(p),
-                "theta": p.model.rope.theta, "steps": p.stage.steps, "from": s.get("from"),
-                "pose": getattr(p.stage, "pose", None) is not None,
-                "accuracy": s["passkey"]["accuracy"], "perplexity": s.get("perplexity", {}),
-                "step_seconds": s.get("step_seconds"), "train_seconds": s.get("train_seconds")}  # fmt: skip
-
-    return {
-        "train_length": train_len,
-        "target_length": target,
-        "stage1_at_train": acc(base, train_len),
-        "stage1_at_target": acc(base, target),
-        "extended_at_target": acc(final, target),
-        "extended_at_2x_target": acc(final, 2 * target),
-        "control_at_target": acc(control, target),
-        "control_at_2x_target": acc(control, 2 * target),
-        "stage1_perplexity_at_train": stages[base.name].get("perplexity", {}).get(str(train_len)),
-        "stage1_perplexity_at_target": stages[base.name].get("perplexity", {}).get(str(target)),
-        "stage1": model(base),
-        "extended": model(final),
-        "control": model(control) if control else None,
-        "branches": [model(p) for p in siblings if p is not control],
-    }
-
-
-def _target_length(plan: StagePlan) -> int:
-    pose = getattr(plan.stage, "pose", None)
-    return int(pose.target_length) if pose else plan.stage.seq_len
-
-
-def extension_table(ext: dict) -> str:
-    """The closing table: one row per model (stage 1, extended, control, other branches)."""
-    L, T = ext["train_length"], ext["target_length"]
-    cols = [L, T, 2 * T]
-    head = f"{'model':<34}{'θ':>11}" + "".join(f"{'@' + str(n):>8}" for n in cols) + f"{'s/step':>8}"
-    lines = [f"context extension: trained at {L}, target {T}", head, "-" * len(head)]
-    rows = [("stage 1", ext["stage1"]), ("extended (θ scaled)", ext["extended"]), ("control (θ unchanged)",
-            ext["control"])] + [("PoSE branch" if b["pose"] else "branch", b) for b in ext["branches"]]  # fmt: skip
-    for label, m in rows:
-        if m is None:
-            continue
-        accs = "".join(f"{_pct(m['accuracy'].get(str(n))):>8}" for n in cols)
-        cost = f"{m['step_seconds']:.2f}" if m.get("step_seconds") else "n/a"
-        lines.append(f"{label + ': ' + m['stage']:<34}{m['theta']:>11.4g}{accs}{cost:>8}")
-    p_l, p_t = ext.get("stage1_perplexity_at_train"), ext.get("stage1_perplexity_at_target")
-    if p_l is not None and p_t is not None:
-        lines.append(f"stage 1 held-out perplexity: {p_l:.3f} at {L}, {p_t:.3f} at {T}")
-    a_t, a_x = ext["stage1_at_target"], ext["extended_at_target"]
-    if a_t is not None and a_x is not None:
-        met = a_x >= RETRIEVAL_TARGET and a_t < RETRIEVAL_TARGET
-        lines.append(f"passkey at {T}: stage 1 {a_t:.0%} → extended {a_x:.0%} (target: ≥ {RETRIEVAL_TARGET:.0%} "
-                     f"after extension where stage 1 is below it: {'met' if met else 'NOT met'})")  # fmt: skip
-    return "\n".join(lines)
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{v:.0%}"
-
-
-def plot_extension_figure(run_dir: str, stages: dict, plans: list[StagePlan]) -> str | None:
-    """``<run_dir>/extension.png``: passkey accuracy vs length, a line per stage, training lengths marked."""
-    series = {}
-    for p in plans:
-        s = stages.get(p.name, {})
-        if "passkey" in s:
-            label = f"{p.name} (θ {p.model.rope.theta:.3g}"
-            label += f", PoSE positions to {_target_length(p)})" if getattr(p.stage, "pose", None) else ")"
-            series[label] = {"accuracy": s["passkey"]["accuracy"], "trained_length": p.stage.seq_len}
-    try:
-        plot_extension(os.path.join(run_dir, "extension.png"), series)
-    except ImportError:  # matplotlib is optional
-        return None
-    return "extension.png"
 
 
 def _fits(length: int, seq: int, layout: str) -> bool:
