@@ -14,7 +14,8 @@ the runner needs to resume exactly). Properties the trainer relies on:
 - **Any mesh**: `restore` reads into an abstract target (``jax.ShapeDtypeStruct`` with the
   *current* mesh's shardings, `train.stage.Engine.restore_target`), so a checkpoint written on one mesh
   shape restores onto another.
-- **Keep-N**: older steps beyond ``keep`` are deleted after a newer one is committed.
+- **Keep-N**: older steps beyond ``keep`` are deleted after a newer one is committed, except the
+  ``protect`` steps (the stage ends that later stages branch from: a resume needs them).
 - **LoRA**: a state's ``frozen`` base is never written (only adapters, trainable leaves, moments and
   step), so a LoRA checkpoint is adapter-sized; the runner re-attaches the base from ``--init-from``.
 """
@@ -22,9 +23,12 @@ the runner needs to resume exactly). Properties the trainer relies on:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preserve
 
 
 class CheckpointError(RuntimeError):
@@ -39,18 +43,28 @@ class Checkpointer:
         keep: committed steps to keep (older ones are deleted); ``None`` keeps all.
         async_save: write in a background thread (`wait` before exiting or reading back).
         read_only: open an existing directory for restoring only (never creates or deletes).
+        protect: steps never deleted by keep-N (they do not count towards ``keep``).
     """
 
     def __init__(
-        self, directory: str | os.PathLike, keep: int | None = 3, async_save: bool = True, *, read_only: bool = False
+        self,
+        directory: str | os.PathLike,
+        keep: int | None = 3,
+        async_save: bool = True,
+        *,
+        read_only: bool = False,
+        protect: Iterable[int] = (),
     ):
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory at {self.directory}: check the path (or train first).")
         if keep is not None and keep < 1:
             raise CheckpointError(f"checkpoint keep must be ≥ 1 (or None for all), got {keep}.")
+        policy = None
+        if keep is not None and not read_only:
+            policy = preserve.AnyPreservationPolicy([preserve.LatestN(keep), preserve.CustomSteps(sorted(protect))])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
@@ -119,6 +133,21 @@ class Checkpointer:
             ) from exc
         return out["state"], dict(out["meta"])
 
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only the ``params`` of ``step``'s state, onto ``target`` (sharded ``jax.ShapeDtypeStruct`` leaves)."""
+        step = self._resolve(step)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+        args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+                                      partial_restore=True)  # fmt: skip
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"the parameters of checkpoint step {step} in {self.directory} do not match the model being "
+                f"initialised ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): keep the checkpoint's model."
+            ) from exc
+        return out["state"]["params"]
+
     def close(self) -> None:
         """Wait for pending saves and release the manager's threads."""
         self._manager.wait_until_finished()
@@ -129,3 +158,24 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one step of a run's ``checkpoints/`` (e.g. ``runs/x/checkpoints/6``)."""
+    path = os.path.abspath(os.fspath(path))
+    parts = ("state", "meta")
+    return os.path.basename(path).isdigit() and all(os.path.isdir(os.path.join(path, p)) for p in parts)
+
+
+def step_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the training checkpoint step directory ``path``."""
+    root, step = os.path.split(os.path.abspath(os.fspath(path)))
+    with Checkpointer(root, read_only=True) as ck:
+        return ck.read_meta(int(step))
+
+
+def step_params(path: str | os.PathLike, target: Any) -> Any:
+    """The params of the training checkpoint step directory ``path``, onto ``target``'s shardings."""
+    root, step = os.path.split(os.path.abspath(os.fspath(path)))
+    with Checkpointer(root, read_only=True) as ck:
+        return ck.restore_params(int(step), target)

@@ -23,7 +23,8 @@ Hugging Face format (``<run_dir>/hf``).
 
 Exactness of ``--resume``: the train step is deterministic, the data iterator restores its
 position, and the state restored from a checkpoint is bit-identical, so the losses after a
-resume equal those of an uninterrupted run.
+resume equal those of an uninterrupted run. A resume first checks that the config still describes
+what the checkpoint trained (`train.resume`), and keep-N spares the stage ends that branches need.
 """
 
 from __future__ import annotations
@@ -45,11 +46,21 @@ from convert.names import ConversionError
 from convert.peft import save_lora_checkpoint, save_peft
 from model.config import ConfigError, LlamaConfig
 from train import metrics as M
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, is_training_checkpoint
 from train.config import StagePlan, TrainConfig, dump_config, model_config, start_plan, validate
 from train.flops import train_step_flops
 from train.guards import check_finite
 from train.report import Reporter, RunResult
+from train.resume import (
+    FINGERPRINT_KEY,
+    check_resume,
+    checkpoint_model,
+    fingerprint,
+    latest_checkpoint,
+    protected_steps,
+    resumed_base,
+    stage_end_step,
+)
 from train.runtime import check_memory, init_from_model
 from train.stage import Engine, StageRun, build_stage, move_state
 from train.state import TrainState, full_params
@@ -65,12 +76,14 @@ def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:
         return model_config(cfg)
     if is_ringllama_checkpoint(init_from):
         loaded = read_config(init_from)
+    elif is_training_checkpoint(init_from):
+        loaded = checkpoint_model(init_from)
     elif is_hf_checkpoint(init_from):
         loaded = LlamaConfig.from_hf(init_from)
     else:
         raise ConfigError(
-            f"--init-from {init_from} is neither a ringllama checkpoint (config + params/) nor a Hugging Face "
-            "directory (config.json + safetensors): point at one of them."
+            f"--init-from {init_from} is neither a ringllama checkpoint (config + params/), a Hugging Face "
+            "directory (config.json + safetensors) nor a step of a run's checkpoints/: point at one of them."
         )
     ours = model_config(cfg)
     return loaded.replace(**{k: getattr(ours, k) for k in EXEC_FIELDS if k in cfg.model})
@@ -85,6 +98,7 @@ class _RunContext:
     ckptr: Checkpointer
     logger: M.MetricsLogger
     base: LlamaConfig  # the first stage's model (checkpoint metadata: what a resume validates against)
+    fingerprint: dict  # what a resume checks the config against (`train.resume`); a save keeps its stages
     rng: np.ndarray  # the run's key data: the init key and a LoRA run's random base derive from it
     peak: float | None  # device peak TFLOP/s for the MFU column
     init_from: str | None
@@ -129,13 +143,16 @@ def run(
     meta: dict[str, Any] | None = None
     lora_base = os.path.abspath(init_from) if cfg.lora is not None and init_from else None
     if resume:
-        meta = _latest_meta(ckpt_dir, cfg)
-        base = LlamaConfig.from_dict(meta["base_model"])
+        meta, steps = latest_checkpoint(ckpt_dir)
+        base = resumed_base(meta, cfg)
         if cfg.lora is not None and "lora_base" in meta:
             _check_lora_base(meta["lora_base"], lora_base)
     else:
         base = base_model(cfg, init_from)
     plans = validate(cfg, jax.device_count(), jax.process_count(), base)
+    if meta is not None:  # before anything is written: a refused resume leaves the run dir as it was
+        check_resume(meta, steps, cfg, plans, ckpt_dir, say)
+    from_init = (meta.get(FINGERPRINT_KEY) or {}).get("from_init", True) if meta else init_from is not None
     check_memory(cfg, plans, say)  # before anything compiles
 
     if lead:
@@ -147,7 +164,8 @@ def run(
                 path = os.path.join(run_dir, stale)
                 shutil.rmtree(path) if os.path.isdir(path) else (os.remove(path) if os.path.exists(path) else None)
     _barrier("run_dir")
-    ckptr = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    ckptr = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                         protect=protected_steps(plans))  # fmt: skip
     logger = M.MetricsLogger(
         run_dir, resume_step=meta["global_step"] if meta else None, tensorboard=cfg.tensorboard, enabled=lead
     )
@@ -162,7 +180,10 @@ def run(
     if meta:
         say(f"resuming from the checkpoint at global step {global_step} ({plans[start_stage].name}, step {stage_step})")
 
-    ctx = _RunContext(cfg, plans, ckptr, logger, base, rng, peak, init_from, lora_base, stop_after, lead, say, reporter)
+    fp = fingerprint(cfg, plans, from_init)
+    ctx = _RunContext(
+        cfg, plans, ckptr, logger, base, fp, rng, peak, init_from, lora_base, stop_after, lead, say, reporter
+    )
     state, prev_plan, last_saved = None, None, (global_step if meta else None)
     branch_points = {p.stage.from_stage for p in plans if p.stage.from_stage is not None}
     ends: dict[str, Any] = {}  # host copies of the stage-end states that later stages branch from
@@ -288,7 +309,7 @@ def _branch_source(ctx: _RunContext, ends: dict[str, Any], src: StagePlan) -> Tr
     """The end state of stage ``src``: kept from this run, or (after --resume) its stage-end checkpoint."""
     if src.name in ends:
         return ends[src.name]
-    end_step = sum(p.stage.steps for p in ctx.plans[: src.index + 1])
+    end_step = stage_end_step(ctx.plans, src)
     ctx.ckptr.wait()  # the stage-end save may still be in flight
     if end_step not in ctx.ckptr.all_steps():
         raise ConfigError(
@@ -297,18 +318,6 @@ def _branch_source(ctx: _RunContext, ends: dict[str, Any], src: StagePlan) -> Tr
         )
     # Restored as ``src`` was trained: its mesh, its optimizer's state tree and, with LoRA, its layout.
     return _restore(ctx, end_step, build_stage(ctx.cfg, ctx.plans, src, with_data=False).engine)
-
-
-def _latest_meta(ckpt_dir: str, cfg: TrainConfig) -> dict[str, Any]:
-    if not os.path.isdir(ckpt_dir):
-        raise ConfigError(f"--resume found no checkpoints in {ckpt_dir}: start the run without --resume first.")
-    probe = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=False)
-    try:
-        if probe.latest_step() is None:
-            raise ConfigError(f"--resume found no committed checkpoint in {ckpt_dir}: start without --resume.")
-        return probe.read_meta()
-    finally:
-        probe.close()
 
 
 def _barrier(name: str) -> None:
@@ -327,6 +336,7 @@ def _save(ctx: _RunContext, plan: StagePlan, state, global_step: int, stage_step
         "base_model": ctx.base.to_dict(),
         "model": plan.model.to_dict(),  # the config this state trains: its stage's θ and max positions
         "lora_base": ctx.lora_base,  # a LoRA run's frozen base: its --init-from (None: the seed's random base)
+        FINGERPRINT_KEY: {**ctx.fingerprint, "stages": ctx.fingerprint["stages"][: plan.index + 1]},
     }
     json.dumps(meta)  # fail here, not in orbax's background thread, if something is not JSON
     ctx.ckptr.save(global_step, state, meta)

@@ -7,12 +7,14 @@ anything is compiled and refuses a run that will not fit, quoting the planner's 
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 
 import convert
 from model.config import ConfigError
 from model.params import abstract_params
 from sharding import plan_memory
+from train.checkpoint import is_training_checkpoint, step_params
 from train.config import StagePlan, TrainConfig
 from train.stage import Engine
 
@@ -70,8 +72,13 @@ def _breakdown(report) -> str:
 
 
 def init_from_model(path: str, engine: Engine, say=print):
-    """Parameters from a ringllama checkpoint or HF directory, placed straight into the engine's shardings."""
+    """Parameters from a ringllama checkpoint, HF directory or training checkpoint step, in the engine's shardings."""
     say(f"loading initial weights from {path}")
+    if is_training_checkpoint(path):
+        shapes = nn.unbox(abstract_params(engine.model))
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                              engine.base_shardings)  # fmt: skip
+        return step_params(path, target)
     _, params = convert.load_model(
         path,
         dtype=engine.model.param_dtype,
