@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attention import instrument
 from attention.flash import (
     ChunkConfig,
     finalize,
@@ -50,6 +51,7 @@ def blockwise_attention(
     chunk_size: int = 512,
     skip_masked_chunks: bool = True,
     kernel: str = "jnp",
+    counter: instrument.WorkCounter | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact grouped-query attention computed chunk by chunk.
 
@@ -64,6 +66,7 @@ def blockwise_attention(
         skip_masked_chunks: False computes and masks every chunk pair (benchmarks only).
         kernel: ``jnp`` (these chunk loops), ``pallas`` (`attention.pallas_attention`, tiles from
             ``chunk_size``) or ``auto`` (`attention.choose_kernel`).
+        counter: count the executed chunk (or tile) pairs into it (`attention.instrument`; None: no callbacks).
 
     Returns:
         out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]``; rows with no visible
@@ -80,7 +83,7 @@ def blockwise_attention(
     q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     if choose_kernel(kernel, head_dim=h) == "pallas":
-        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size)
+        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size, counter)
         return pallas_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg)
     cfg = ChunkConfig(
         causal=causal,
@@ -88,6 +91,7 @@ def blockwise_attention(
         q_chunk=min(chunk_size, t),
         kv_chunk=min(chunk_size, s),
         skip_masked=skip_masked_chunks,
+        counter=counter,
     )
     q, q_pos, q_seg = pad_queries(q, q_pos, q_seg, cfg.q_chunk)
     k, v, kv_pos, kv_seg = pad_keys(k, v, kv_pos, kv_seg, cfg.kv_chunk)

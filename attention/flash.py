@@ -54,6 +54,9 @@ class ChunkConfig:
         skip_masked: skip fully masked chunk pairs and use the mask-free path for fully
             visible ones (False computes and masks every pair, the classic ring's behaviour,
             kept for benchmarks).
+        counter: count the executed chunk pairs (and ring hops) into it (`attention.instrument`);
+            None emits no callbacks. Part of the static config, so counted and uncounted traces
+            are different jit cache entries.
     """
 
     causal: bool
@@ -61,6 +64,7 @@ class ChunkConfig:
     q_chunk: int
     kv_chunk: int
     skip_masked: bool = True
+    counter: instrument.WorkCounter | None = None
 
 
 def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
@@ -291,9 +295,9 @@ def flash_forward(
         def kv_step(j, carry, masked):
             kj, vj, kpj, ksj = _index((kc, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
             acc, m, denom = carry
-            instrument.record("chunk_fwd", device_index)
+            instrument.record(cfg.counter, "chunk_fwd", device_index)
             if masked:
-                instrument.record("chunk_fwd_masked", device_index)
+                instrument.record(cfg.counter, "chunk_fwd_masked", device_index)
             logits = jnp.einsum("bkrh,bksh->bkrs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
             if masked:
                 mask = chunk_mask(qpi, kpj, qsi, ksj, cfg.causal)[:, None, None]  # [b, 1, 1, cq, ck]
@@ -361,7 +365,7 @@ def flash_backward(
         def kv_step(j, inner, masked):
             dqi_t, dk, dv = inner
             kj, ktj, vj, kpj, ksj = _index((kc, kt, vc, kv_pos, kv_seg), j)  # [b, k, ck, h], [b, ck]
-            instrument.record("chunk_bwd", device_index)
+            instrument.record(cfg.counter, "chunk_bwd", device_index)
             # Key-major tiles [ck, r]: dV and dK are then plain products over the query rows.
             logits = jnp.einsum("bksh,bkrh->bksr", kj, qi, preferred_element_type=jnp.float32) * cfg.scale
             p = jnp.exp(logits - lse_i[:, :, None, :])  # [b, k, ck, r]

@@ -37,7 +37,8 @@ MAX_TILE, MAX_TILE_BWD = 128, 64
 @dataclass(frozen=True)
 class PallasConfig:
     """Static kernel settings: causal mask, logit scale, forward and backward tile lengths, interpret
-    mode (None: on unless on GPU/TPU)."""
+    mode (None: on unless on GPU/TPU), and the `attention.instrument.WorkCounter` the kernels count
+    executed tiles and hops into (None: no callbacks; static, so a counted trace is its own cache entry)."""
 
     causal: bool
     scale: float
@@ -46,17 +47,23 @@ class PallasConfig:
     block_q_bwd: int = 64
     block_k_bwd: int = 64
     interpret: bool | None = None
+    counter: instrument.WorkCounter | None = None
 
     @classmethod
-    def for_chunk(cls, causal: bool, scale: float, chunk_size: int) -> PallasConfig:
+    def for_chunk(
+        cls, causal: bool, scale: float, chunk_size: int, counter: instrument.WorkCounter | None = None
+    ) -> PallasConfig:
         """The settings for a blockwise/ring ``chunk_size``: tiles of it, capped at the maxima above."""
         fwd, bwd = min(chunk_size, MAX_TILE), min(chunk_size, MAX_TILE_BWD)
-        return cls(causal=causal, scale=float(scale), block_q=fwd, block_k=fwd, block_q_bwd=bwd, block_k_bwd=bwd)
+        return cls(causal=causal, scale=float(scale), block_q=fwd, block_k=fwd, block_q_bwd=bwd, block_k_bwd=bwd,
+                   counter=counter)  # fmt: skip
 
     def kwargs(self, backward: bool = False) -> dict:
         interpret = default_interpret() if self.interpret is None else self.interpret
         bq, bk = (self.block_q_bwd, self.block_k_bwd) if backward else (self.block_q, self.block_k)
-        return dict(causal=self.causal, scale=self.scale, block_q=bq, block_k=bk, interpret=interpret)
+        return dict(
+            causal=self.causal, scale=self.scale, block_q=bq, block_k=bk, interpret=interpret, counter=self.counter
+        )
 
 
 def _delta(out, d_out, d_lse):
@@ -221,7 +228,7 @@ def _ring_forward(cfg, axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     def hop(block, acc, _):
         kb, vb, kpb, ksb = block
         active = _active(cfg, skip, q_pos, kpb, q_seg, ksb)
-        instrument.record("hop_fwd", index, when=active)
+        instrument.record(cfg.counter, "hop_fwd", index, when=active)
 
         def compute(out, lse):
             out_i, lse_i = pallas_forward(q, kb, vb, q_pos, kpb, q_seg, ksb, **cfg.kwargs())
@@ -249,7 +256,7 @@ def _ring_bwd(cfg, axis_name, skip, res, cts):
     def hop(block, dq, dkv):
         kb, vb, kpb, ksb = block
         active = _active(cfg, skip, q_pos, kpb, q_seg, ksb)
-        instrument.record("hop_bwd", index, when=active)
+        instrument.record(cfg.counter, "hop_bwd", index, when=active)
 
         def compute(dq, dk, dv):
             dq_i, dk_i, dv_i = pallas_backward(

@@ -22,7 +22,7 @@ A tile pair that the mask hides entirely (causal future, disjoint segment ranges
 decided from the tiles' position and segment ranges) takes the identity branch of a
 ``lax.cond``: no FLOPs. Off GPU/TPU the kernels run in Pallas interpret mode, where
 `attention.instrument` can count the tile pairs each kernel really computed (``tile_fwd``,
-``tile_dq``, ``tile_dkv``; nothing is emitted outside `instrument.count_work`).
+``tile_dq``, ``tile_dkv``) into a ``counter=`` (a static argument; None emits nothing).
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_ref, *, causal, scale, block_k):
+def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
+                causal, scale, block_k, counter):  # fmt: skip
     q = q_ref[...]  # [bq, h]
     qp, qs = qp_ref[...], qs_ref[...]  # [bq]
     bq, h = q.shape
@@ -100,7 +101,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
 
         def compute(carry):
             acc, m, denom = carry
-            instrument.record("tile_fwd", None)
+            instrument.record(counter, "tile_fwd", None)
             k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, h]
             logits = _dot(q, k, 1, 1) * scale  # [bq, bk]
             logits = jnp.where(_tile_mask(qp, kp, qs, ks, causal), logits, -jnp.inf)
@@ -122,9 +123,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
 
-def _dq_kernel(
-    q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *, causal, scale, block_k
-):
+def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               causal, scale, block_k, counter):  # fmt: skip
     q, do = q_ref[...], do_ref[...]  # [bq, h]
     qp, qs = qp_ref[...], qs_ref[...]
     lse = lse_ref[...]
@@ -136,7 +136,7 @@ def _dq_kernel(
         kp, ks = kp_ref[tile], ks_ref[tile]
 
         def compute(dq):
-            instrument.record("tile_dq", None)
+            instrument.record(counter, "tile_dq", None)
             k, v = k_ref[tile, :], v_ref[tile, :]
             logits = _dot(q, k, 1, 1) * scale
             p = jnp.where(_tile_mask(qp, kp, qs, ks, causal), jnp.exp(logits - lse[:, None]), 0.0)  # [bq, bk]
@@ -166,6 +166,7 @@ def _dkv_kernel(
     scale,
     block_q,
     groups,
+    counter,
 ):
     k, v = k_ref[...], v_ref[...]  # [bk, h]
     kp, ks = kp_ref[...], ks_ref[...]
@@ -179,7 +180,7 @@ def _dkv_kernel(
 
             def compute(carry):
                 dk, dv = carry
-                instrument.record("tile_dkv", None)
+                instrument.record(counter, "tile_dkv", None)
                 q, do = q_ref[tile, gi, :], do_ref[tile, gi, :]  # [bq, h]
                 lse, delta = lse_ref[tile, gi], delta_ref[tile, gi]
                 lse = jnp.where(lse > -jnp.inf, lse, 0.0)
@@ -254,10 +255,9 @@ def _check(q, k, q_pos, kv_pos, q_seg, kv_seg):
         raise ValueError(f"pallas attention: kv_seg must be {kv_pos.shape}, got {kv_seg.shape}.")
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_k", "interpret"))
-def pallas_forward(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, scale: float, block_q=128, block_k=128, interpret=None
-):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_k", "interpret", "counter"))
+def pallas_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, scale: float, block_q=128, block_k=128,
+                   interpret=None, counter: instrument.WorkCounter | None = None):  # fmt: skip
     """Flash forward over one query block and one key block (a whole sequence, or one ring hop).
 
     Args:
@@ -267,6 +267,7 @@ def pallas_forward(
         causal: hide keys at later positions; scale: logit multiplier.
         block_q, block_k: tile lengths (rounded to powers of two; inputs are padded to them).
         interpret: Pallas interpret mode (default: off GPU/TPU).
+        counter: count executed tile pairs into it (`attention.instrument`; None: no callbacks).
 
     Returns:
         out fp32 ``[b, t, n, h]`` (zeros for rows with no visible key) and lse fp32 ``[b, t, n]``
@@ -290,7 +291,7 @@ def pallas_forward(
     tp, sp = q.shape[1], k.shape[1]
     inputs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     interpret = default_interpret() if interpret is None else interpret
-    kernel = functools.partial(_fwd_kernel, causal=causal, scale=float(scale), block_k=bk)
+    kernel = functools.partial(_fwd_kernel, causal=causal, scale=float(scale), block_k=bk, counter=counter)
     q_tile = pl.BlockSpec((SQ, bq, SQ, h), lambda bi, ni, i: (bi, i, ni, 0))
     kv_all = pl.BlockSpec((SQ, sp, SQ, h), lambda bi, ni, i: (bi, 0, ni // groups, 0))
     qrow = pl.BlockSpec((SQ, bq), lambda bi, ni, i: (bi, i))
@@ -308,7 +309,7 @@ def pallas_forward(
     return out[:, :t], lse[:, :t]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_k", "interpret", "counter"))
 def pallas_backward(
     q,
     k,
@@ -326,11 +327,12 @@ def pallas_backward(
     block_q=64,
     block_k=64,
     interpret=None,
+    counter: instrument.WorkCounter | None = None,
 ):
     """Gradients of `pallas_forward`'s output recomputed tile by tile from a given LSE and delta.
 
     Args:
-        q, k, v, positions, segment ids, causal, scale, tiles, interpret: as for `pallas_forward`
+        q, k, v, positions, segment ids, causal, scale, tiles, interpret, counter: as for `pallas_forward`
             (the backward keeps dK/dV or dQ accumulators beside its tiles: smaller tiles, default 64).
         do: output cotangent ``[b, t, n, h]``.
         lse: fp32 ``[b, t, n]`` log-sum-exp of the *complete* attention row (for a ring hop:
@@ -358,7 +360,7 @@ def pallas_backward(
     krow = pl.BlockSpec((SQ, sp), lambda bi, ni, i: (bi, 0))
     stat = pl.BlockSpec((SQ, bq, SQ), lambda bi, ni, i: (bi, i, ni))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, causal=causal, scale=float(scale), block_k=bk),
+        functools.partial(_dq_kernel, causal=causal, scale=float(scale), block_k=bk, counter=counter),
         out_shape=_out_structs((((b, tp, n, h), jnp.float32),), *inputs)[0],
         grid=(b, n, tp // bq),
         in_specs=[q_tile, kv_all, kv_all, qrow, krow, qrow, krow, q_tile, stat, stat],
@@ -375,7 +377,7 @@ def pallas_backward(
     krow_tile = pl.BlockSpec((SQ, bk), lambda bi, ki, j: (bi, j))
     stat_group = pl.BlockSpec((SQ, tp, groups), lambda bi, ki, j: (bi, 0, ki))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, causal=causal, scale=float(scale), block_q=bq, groups=groups),
+        functools.partial(_dkv_kernel, causal=causal, scale=float(scale), block_q=bq, groups=groups, counter=counter),
         out_shape=_out_structs((((b, sp, kh, h), jnp.float32),) * 2, *inputs),
         grid=(b, kh, sp // bk),
         in_specs=[q_group, kv_tile, kv_tile, qrow_all, krow_tile, qrow_all, krow_tile, q_group, stat_group, stat_group],

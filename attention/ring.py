@@ -94,6 +94,7 @@ def ring_attention_shard(
     chunk_size: int = 512,
     skip_future_hops: bool = True,
     kernel: str = "jnp",
+    counter: instrument.WorkCounter | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Ring attention for one shard; call inside ``jax.shard_map`` over ``axis_name``.
 
@@ -107,6 +108,7 @@ def ring_attention_shard(
             and masked), for benchmarks.
         kernel: per-hop kernel: ``jnp`` (these chunk loops), ``pallas``
             (`attention.pallas_attention.ring_pallas_shard`) or ``auto`` (`attention.choose_kernel`).
+        counter: count executed hops and blocks into it (`attention.instrument`; None: no callbacks).
 
     Returns:
         out ``[b, t, n, h]`` in q's dtype and lse fp32 ``[b, t, n]`` over all shards' keys.
@@ -119,7 +121,7 @@ def ring_attention_shard(
     q_seg = jnp.zeros_like(q_pos) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros_like(kv_pos) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     if choose_kernel(kernel, head_dim=h) == "pallas":
-        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size)
+        cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size, counter)
         return ring_pallas_shard(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg, axis_name, skip_future_hops)
     chunk = ChunkConfig(
         causal=causal,
@@ -127,6 +129,7 @@ def ring_attention_shard(
         q_chunk=_ring_chunk(chunk_size, t),
         kv_chunk=_ring_chunk(chunk_size, s),
         skip_masked=skip_future_hops,
+        counter=counter,
     )
     q, q_pos, q_seg = pad_queries(q, q_pos, q_seg, chunk.q_chunk)
     k, v, kv_pos, kv_seg = pad_keys(k, v, kv_pos, kv_seg, chunk.kv_chunk)
@@ -193,7 +196,7 @@ def _ring_forward(cfg: _RingConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     def hop(block, state, _):
         kb, vb, kpb, ksb = block
         active = _hop_active(cfg, qpc, kpb, qsc, ksb)
-        instrument.record("hop_fwd", index, when=active)
+        instrument.record(cfg.chunk.counter, "hop_fwd", index, when=active)
         # The online softmax simply continues over this hop's keys: the LSE merge is fused in.
         return flash_forward(qc, kb, vb, qpc, kpb, qsc, ksb, cfg.chunk, index, state, active=active), None
 
@@ -223,7 +226,7 @@ def _ring_bwd(cfg, res, cts):
     def hop(block, dq, dkv):
         kb, vb, kpb, ksb = block
         active = _hop_active(cfg, qpc, kpb, qsc, ksb)
-        instrument.record("hop_bwd", index, when=active)
+        instrument.record(cfg.chunk.counter, "hop_bwd", index, when=active)
         dq, dk, dv = flash_backward(
             qc, kb, vb, qpc, kpb, qsc, ksb, doc, lse, delta, cfg.chunk, index, dq, *dkv, active=active
         )
@@ -255,6 +258,7 @@ def sharded_attention(
     axis_name: str = "sequence",
     return_lse: bool = False,
     kernel: str = "jnp",
+    counter: instrument.WorkCounter | None = None,
 ):
     """Ring attention on globally shaped arrays: runs `ring_attention_shard` under ``jax.shard_map``.
 
@@ -274,6 +278,7 @@ def sharded_attention(
         causal, scale, chunk_size, skip_future_hops: as for `ring_attention_shard`.
         return_lse: also return the fp32 ``[b, t, n]`` LSE.
         kernel: per-hop kernel, as for `ring_attention_shard`.
+        counter: count executed hops and blocks into it (`attention.instrument`; None: no callbacks).
 
     Returns:
         ``out [b, t, n, h]`` (and ``lse``), sharded like the inputs.
@@ -305,6 +310,7 @@ def sharded_attention(
         chunk_size=chunk_size,
         skip_future_hops=skip_future_hops,
         kernel=kernel,
+        counter=counter,
     )
     # Pallas's interpret mode does not type its loops' manual axes (jax 0.10), so the Pallas ring
     # runs unchecked; the jnp ring keeps the check.

@@ -125,8 +125,8 @@ def _parse_lengths(text: str) -> list[int]:
     return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(",") if x]
 
 
-def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
-    """``(q, k, v, do) -> (dq, dk, dv)`` for one case."""
+def _grad_fn(kind: str, args, mesh, seq: int, chunk: int, counter=None):
+    """``(q, k, v, do) -> (dq, dk, dv)`` for one case (blockwise and ring count their work into ``counter``)."""
     b = args.batch
 
     if kind == "reference":
@@ -139,7 +139,7 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
     elif kind == "blockwise":
 
         def attend(q, k, v):
-            return blockwise_attention(q, k, v, causal=True, chunk_size=chunk)[0]
+            return blockwise_attention(q, k, v, causal=True, chunk_size=chunk, counter=counter)[0]
     else:
         layout, skip = RING_CASES[kind]
         pos = layout_positions(b, seq, mesh.shape["sequence"], layout)
@@ -147,7 +147,15 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int):
         @axis_rules(mesh)
         def attend(q, k, v):
             return sharded_attention(
-                q, k, v, mesh=mesh, q_positions=pos, kv_positions=pos, chunk_size=chunk, skip_future_hops=skip
+                q,
+                k,
+                v,
+                mesh=mesh,
+                q_positions=pos,
+                kv_positions=pos,
+                chunk_size=chunk,
+                skip_future_hops=skip,
+                counter=counter,
             )
 
     def grads(q, k, v, do):
@@ -168,7 +176,7 @@ def _inputs(args, seq: int, mesh):
 def _count_blocks(kind: str, args, mesh, seq: int, chunk: int) -> list[int]:
     """Executed fwd chunk blocks per ring position (the backward executes the same set)."""
     with instrument.count_work() as counts:
-        fn = jax.jit(_grad_fn(kind, args, mesh, seq, chunk))
+        fn = jax.jit(_grad_fn(kind, args, mesh, seq, chunk, counts))
         jax.block_until_ready(fn(*_inputs(args, seq, mesh)))
         jax.effects_barrier()
         ring = mesh.shape["sequence"] if mesh is not None else 1

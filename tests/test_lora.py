@@ -356,12 +356,10 @@ def test_planner_counts_lora_like_xla(lora):
     mesh = make_mesh(mesh_cfg)
     optim, (b, t) = OptimConfig(), (8, 128)
     engine = build_engine(cfg, optim, mesh, total_steps=4, loss_chunk=64, lora=lora)
-    step, sh, state = engine.train_step, engine.shardings, engine.abstract
+    step, state = engine.train_step, engine.abstract
     batch = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "loss_mask" else np.int32,
                                      sharding=batch_sharding(mesh, (b, t))) for k in BATCH_KEYS}  # fmt: skip
-    jitted = jax.jit(step.step_fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}),
-                     out_shardings=(sh, None), donate_argnums=(0,))  # fmt: skip
-    mem = jitted.lower(state, batch).compile().memory_analysis()
+    mem = step.jitted(batch).lower(state, batch).compile().memory_analysis()
     plan = plan_memory(cfg, abstract_params(cfg, lora), t, b, mesh_cfg, "full", loss_chunk=64, lora=lora)
     assert np.isclose(plan.state, mem.argument_size_in_bytes, rtol=0.05)
     xla_total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

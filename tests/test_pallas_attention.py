@@ -232,8 +232,8 @@ def test_masked_tiles_are_skipped_not_computed():
     pos = np.arange(32, dtype=np.int32)[None]
 
     def counts(seg):
-        cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
         with instrument.count_work() as c:
+            cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8, counter=c)
             fn = jax.jit(lambda *x: jax.vjp(lambda *y: pallas_attention(*y, pos, pos, seg, seg, cfg)[0], *x)[1](d_out))
             jax.block_until_ready(fn(q, k, v))
             jax.effects_barrier()

@@ -195,6 +195,7 @@ def _work_counts(layout, skip, ring=4, length=32):
             kv_positions=pos,
             chunk_size=length // ring // 2,
             skip_future_hops=skip,
+            counter=counts,
         )
         return jnp.sum(out * d_out)
 

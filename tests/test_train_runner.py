@@ -123,7 +123,7 @@ def test_stage_transition_changes_theta_and_length_and_keeps_params(reference):
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state.params, moved.params)
     assert all(jax.tree.leaves(same)) and int(moved.step) == 0
     batch = next(make_iterator(plans[1].data, 64, 2, 0 * 1009 + 1, layout="zigzag", num_shards=4))
-    loss_sum, count = long.engine.eval_step(64)(moved.params, batch)
+    loss_sum, count = long.engine.eval_step(moved.params, batch)
     np.testing.assert_allclose(float(loss_sum) / float(count), records[3]["loss"], rtol=1e-6)
 
 

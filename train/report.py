@@ -92,7 +92,7 @@ class Reporter:
         if cfg.eval.heldout_batches > 0:
             for length, batch, data in lengths:
                 ppl = heldout_perplexity(
-                    state.params, run.engine.eval_step(length), mesh, data, seq_len=length,
+                    state.params, run.engine.eval_step, mesh, data, seq_len=length,
                     batch_size=cfg.eval.heldout_batch_size or batch, n_batches=cfg.eval.heldout_batches,
                     seed=cfg.seed, layout=plan.layout,
                 )  # fmt: skip

@@ -14,7 +14,6 @@ the state's moments is the same object that updates them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,7 +38,7 @@ from train.state import (
     merged_params,
     state_shardings,
 )
-from train.step import make_eval_step, make_train_step
+from train.step import CompiledStep, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +56,8 @@ class Engine:
         abstract: the state as sharded ``jax.ShapeDtypeStruct`` leaves (frozen base included with LoRA).
         shardings: the state's `NamedSharding` tree (the train step's in/out shardings).
         train_step: ``(state, batch) -> (state, metrics)``, jitted per batch shape, state donated.
+        eval_step: the held-out ``(params, batch) -> (loss_sum, count)`` in ``base_shardings``, jitted per
+            batch shape (any length: a loss chunk longer than the rows computes them in one piece).
         loss_chunk: positions per chunk of the chunked cross-entropy.
     """
 
@@ -68,9 +69,9 @@ class Engine:
     base_shardings: Any
     abstract: TrainState
     shardings: TrainState
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    train_step: CompiledStep
+    eval_step: CompiledStep
     loss_chunk: int
-    _eval_steps: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def restore_target(self) -> TrainState:
@@ -93,14 +94,6 @@ class Engine:
     def fresh_moments(self, params: Any) -> Any:
         """Zero optimizer state for the trainable ``params``."""
         return init_opt_state(self.tx, params, self.shardings)
-
-    def eval_step(self, seq_len: int) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-        """The held-out ``(params, batch) -> (loss_sum, count)`` step for rows of ``seq_len`` (built once each)."""
-        if seq_len not in self._eval_steps:
-            self._eval_steps[seq_len] = make_eval_step(
-                self.model, self.mesh, self.base_shardings, loss_chunk=min(self.loss_chunk, seq_len)
-            )
-        return self._eval_steps[seq_len]
 
 
 def build_engine(
@@ -133,7 +126,8 @@ def build_engine(
     step = make_train_step(model_cfg, mesh, tx, schedule, shardings,
                            grad_accum_steps=optim_cfg.grad_accum_steps, loss_chunk=loss_chunk, donate=donate,
                            lora=lora)  # fmt: skip
-    return Engine(model_cfg, mesh, lora, tx, schedule, base_sh, abstract, shardings, step, loss_chunk)
+    eval_step = make_eval_step(model_cfg, mesh, base_sh, loss_chunk=loss_chunk)
+    return Engine(model_cfg, mesh, lora, tx, schedule, base_sh, abstract, shardings, step, eval_step, loss_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

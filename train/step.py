@@ -96,8 +96,62 @@ def put_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-def _shapes(batch: dict[str, jax.Array]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(x.shape) for x in batch.values())
+class CompiledStep:
+    """``fn(x, batch)`` jitted once per batch shape with fixed shardings; the compile cache it owns.
+
+    The train step (``x`` the `TrainState`) and the eval step (``x`` the params) are both one of these:
+    calling it places the batch (`put_batch`) and runs the variant compiled for the batch's shapes,
+    building it on first use. Benchmarks and memory checks lower exactly what runs with
+    ``step.jitted(batch).lower(x, batch)`` (``batch`` may hold ``jax.ShapeDtypeStruct`` leaves).
+
+    Attributes:
+        step_fn: the un-jitted ``fn(x, batch)``, for lowering with other shardings.
+        mesh: the device mesh; the batch is sharded on it by `sharding.rules.batch_sharding`.
+        x_shardings: ``x``'s `NamedSharding` tree (in and, for the train step, out).
+        out_shardings: the outputs' shardings.
+        donate: donate ``x``'s buffers (the caller must not reuse it).
+        batch_multiple: the global batch size must be a multiple of it (``grad_accum_steps``).
+        compiled: the ``jax.jit`` variants by the batch's shapes (in `BATCH_KEYS` order).
+    """
+
+    def __init__(
+        self,
+        step_fn: Callable,
+        mesh: Mesh,
+        x_shardings: Any,
+        out_shardings: Any,
+        *,
+        donate: bool = False,
+        batch_multiple: int = 1,
+    ):
+        self.step_fn = step_fn
+        self.mesh = mesh
+        self.x_shardings = x_shardings
+        self.out_shardings = out_shardings
+        self.donate = donate
+        self.batch_multiple = batch_multiple
+        self.compiled: dict[tuple[tuple[int, ...], ...], Callable] = {}
+
+    def jitted(self, batch: Batch) -> Callable:
+        """The ``jax.jit`` of ``step_fn`` for ``batch``'s shapes (built on first use)."""
+        shapes = tuple(tuple(batch[name].shape) for name in BATCH_KEYS)
+        if shapes[0][0] % self.batch_multiple:
+            raise ValueError(
+                f"global batch size {shapes[0][0]} is not divisible by grad_accum_steps={self.batch_multiple}: "
+                "make the batch size a multiple of it."
+            )
+        if shapes not in self.compiled:
+            self.compiled[shapes] = jax.jit(
+                self.step_fn,
+                in_shardings=(self.x_shardings, _batch_shardings(self.mesh, batch)),
+                out_shardings=self.out_shardings,
+                donate_argnums=(0,) if self.donate else (),
+            )
+        return self.compiled[shapes]
+
+    def __call__(self, x: Any, batch: Batch) -> Any:
+        batch = put_batch(batch, self.mesh)
+        return self.jitted(batch)(x, batch)
 
 
 def make_train_step(
@@ -111,7 +165,7 @@ def make_train_step(
     loss_chunk: int = 1024,
     donate: bool = True,
     lora: lora_lib.LoraConfig | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> CompiledStep:
     """Build ``step(state, batch) -> (state, metrics)`` from an already built optimizer and shardings.
 
     `train.stage.build_engine` is the one caller: it builds ``tx``, ``schedule`` and ``shardings`` once
@@ -129,7 +183,7 @@ def make_train_step(
         lora: train LoRA adapters (a state split into trainable ``params`` and ``frozen``).
 
     Returns:
-        A function taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
+        A `CompiledStep` taking a `TrainState` and a batch dict of ``[b, t]`` arrays (``tokens``,
         ``targets``, ``positions``, ``segment_ids``, ``loss_mask``; placed with `put_batch`, so numpy
         host rows are fine) and returning the new state and metrics: ``loss`` (mean over counted tokens,
         weighted by ``loss_mask``), ``grad_norm`` (before clipping), ``lr``, ``tokens`` (tokens with a
@@ -149,9 +203,11 @@ def make_train_step(
         tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
 
         def objective(params, mb):
-            full = params if state.frozen is None else lora_lib.combine(params, state.frozen)
-            loss_sum, _ = _loss_sums(model, model_cfg, full, mb, loss_chunk)
-            return loss_sum / denom, loss_sum
+            # Named so a profile groups the forward and (through its transpose) backward ops under "loss".
+            with jax.named_scope("loss"):
+                full = params if state.frozen is None else lora_lib.combine(params, state.frozen)
+                loss_sum, _ = _loss_sums(model, model_cfg, full, mb, loss_chunk)
+                return loss_sum / denom, loss_sum
 
         grad_fn = jax.grad(objective, has_aux=True)
         if k == 1:
@@ -174,44 +230,24 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(state.step)
-        params, opt_state = apply_updates(tx, grads, state.opt_state, state.params, lr)
-        new = (params, opt_state, state.step + 1)
-        # A non-finite step changes nothing, so the in-memory state stays the last good one.
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (state.params, state.opt_state, state.step))
+        with jax.named_scope("optimizer_update"):
+            params, opt_state = apply_updates(tx, grads, state.opt_state, state.params, lr)
+            new = (params, opt_state, state.step + 1)
+            # A non-finite step changes nothing, so the in-memory state stays the last good one.
+            old = (state.params, state.opt_state, state.step)
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new = TrainState(*new, frozen=state.frozen)  # the frozen base passes through (no select, no copy)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "finite": finite}
         return new, metrics
 
-    compiled: dict[tuple, Callable] = {}
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        batch = put_batch(batch, mesh)
-        shapes = _shapes(batch)
-        if shapes[0][0] % k:
-            raise ValueError(
-                f"global batch size {shapes[0][0]} is not divisible by grad_accum_steps={k}: "
-                "make the batch size a multiple of it."
-            )
-        if shapes not in compiled:
-            in_sh = (st_sh, _batch_shardings(mesh, batch))
-            metrics_sh = dict.fromkeys(("loss", "grad_norm", "lr", "tokens", "finite"), rep)
-            compiled[shapes] = jax.jit(
-                step,
-                in_shardings=in_sh,
-                out_shardings=(st_sh, metrics_sh),
-                donate_argnums=(0,) if donate else (),
-            )
-        return compiled[shapes](state, batch)
-
-    train_step.jitted = compiled  # the compiled variants, by batch shapes (for benchmarks / lowering)
-    train_step.step_fn = step  # the un-jitted step, for lowering with other shardings
-    return train_step
+    metrics_sh = dict.fromkeys(("loss", "grad_norm", "lr", "tokens", "finite"), rep)
+    return CompiledStep(step, mesh, st_sh, (st_sh, metrics_sh), donate=donate, batch_multiple=k)
 
 
 def make_eval_step(
     model_cfg: LlamaConfig, mesh: Mesh, param_sh: Any, *, loss_chunk: int = 1024, weighted: bool = False
-) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """Build ``eval_step(params, batch) -> (loss_sum, count)`` for held-out perplexity.
+) -> CompiledStep:
+    """Build ``eval_step(params, batch) -> (loss_sum, count)`` for held-out perplexity (a `CompiledStep`).
 
     Sum the two over batches; perplexity is ``exp(Σ loss_sum / Σ count)``. By default every token
     with a nonzero ``loss_mask`` counts once (plain per-token perplexity, whatever weights the data
@@ -219,9 +255,6 @@ def make_eval_step(
     ``param_sh`` is the params' `NamedSharding` tree (the base model's, no adapters).
     """
     model = Llama(model_cfg, mesh=mesh)
-    p_sh = param_sh
-    rep = replicated(mesh)
-    compiled: dict[tuple, Callable] = {}
 
     @axis_rules(mesh)
     def fn(params, batch):
@@ -229,12 +262,5 @@ def make_eval_step(
             batch = dict(batch, loss_mask=(batch["loss_mask"] != 0).astype(jnp.float32))
         return _loss_sums(model, model_cfg, params, batch, loss_chunk)
 
-    def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        batch = put_batch(batch, mesh)
-        shapes = _shapes(batch)
-        if shapes not in compiled:
-            in_sh = (p_sh, _batch_shardings(mesh, batch))
-            compiled[shapes] = jax.jit(fn, in_shardings=in_sh, out_shardings=(rep, rep))
-        return compiled[shapes](params, batch)
-
-    return eval_step
+    rep = replicated(mesh)
+    return CompiledStep(fn, mesh, param_sh, (rep, rep))
