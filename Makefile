@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m train --config configs/demo.yaml --run-dir runs/demo
+	$(BIN)/python -m train --config configs/demo.yaml --init-from configs/demo-base --run-dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 tests
