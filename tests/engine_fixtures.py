@@ -10,6 +10,7 @@ is built once per process and shared between test_step.py and test_checkpoint.py
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -102,3 +103,22 @@ def rel_err(a, b) -> float:
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     ]
     return max(errs)
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory):
+    """XLA's persistent compilation cache in ``directory`` for the block: runs (resumes, CLI re-runs, a
+    by-hand step after the runner) that compile the same programs load them instead of compiling again."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()

@@ -281,7 +281,9 @@ def test_runner_lora_run_resumes_on_its_base_and_exports(tmp_path, compile_cache
     run(cfg, run_dir=str(tmp_path / "b"), init_from=str(base_dir), resume=True, say=quiet)
     assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "b") == losses(tmp_path / "a")
 
-    ckpt_bytes = sum(f.stat().st_size for f in (tmp_path / "a" / "checkpoints" / "4").rglob("*") if f.is_file())
+    # The state item alone: the meta item's JSON (configs, the resume fingerprint) is no weight.
+    state_dir = tmp_path / "a" / "checkpoints" / "4" / "state"
+    ckpt_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
     assert ckpt_bytes < sum(x.nbytes for x in jax.tree.leaves(base))  # adapters + norms + embeddings only
     _, lora, params, base_name = load_lora_checkpoint(tmp_path / "a" / "lora")
     assert lora == cfg.lora and base_name == str(base_dir)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from engine_fixtures import BATCH, CFG, DATA, SEQ, engine_for, host_params, step_for
+from engine_fixtures import BATCH, CFG, DATA, SEQ, engine_for, host_params, persistent_compile_cache, step_for
 
 import model
 from attention.layout import from_layout
@@ -232,17 +232,8 @@ def test_cli_exits_2_on_a_bad_pose_config_and_leaves_no_run_dir(tmp_path, capsys
 @pytest.fixture
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache for one test: the by-hand step below then reuses the runner's compile."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def test_curriculum_trains_on_pose_batches_and_writes_the_target_length(tmp_path, compile_cache):

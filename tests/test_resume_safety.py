@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from engine_fixtures import persistent_compile_cache
 from jax.sharding import SingleDeviceSharding
 
 import convert
@@ -51,17 +52,8 @@ STOP = 6  # two steps into b
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache for this module: every resume compiles the same programs as the first run."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def _cli(raw, run_dir, *flags):
