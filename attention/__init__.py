@@ -30,6 +30,7 @@ from attention.api import IMPLS, KERNELS, AttentionError, attention, choose_impl
 from attention.axes import RulesError
 from attention.blockwise import blockwise_attention
 from attention.instrument import count_work
+from attention.kernels import PLATFORMS, Target, compile_target, current_target
 from attention.layout import (
     LAYOUTS,
     LayoutError,
@@ -52,6 +53,10 @@ __all__ = [
     "EMPTY_POSITION",
     "IMPLS",
     "KERNELS",
+    "PLATFORMS",
+    "Target",
+    "compile_target",
+    "current_target",
     "LAYOUTS",
     "AttentionError",
     "LayoutError",

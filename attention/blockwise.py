@@ -82,7 +82,7 @@ def blockwise_attention(
     kv_pos = default_positions(b, s) if kv_positions is None else kv_positions.astype(jnp.int32)
     q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    if choose_kernel(kernel, head_dim=h) == "pallas":
+    if choose_kernel(kernel, head_dim=h) != "jnp":
         cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size, counter)
         return pallas_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg)
     cfg = ChunkConfig(

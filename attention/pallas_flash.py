@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention import instrument
+from attention.kernels import current_target
 
 # Padded query rows and keys carry these positions (the values `attention.flash` uses too):
 # padded queries see no key, padded keys are seen by no query, causal or not.
@@ -49,8 +50,8 @@ def _next_pow2(x: int) -> int:
 
 
 def default_interpret() -> bool:
-    """Interpret mode unless the default backend compiles Pallas (GPU through Triton, TPU through Mosaic)."""
-    return jax.default_backend() not in ("gpu", "tpu")
+    """Interpret mode unless the compile target (`attention.compile_target`) compiles Pallas."""
+    return current_target().interpret
 
 
 def _pad(x: jax.Array, multiple: int, value) -> jax.Array:
@@ -226,7 +227,7 @@ def _out_structs(shapes, *inputs):
 
 def _compiler_params(interpret: bool, tile_elems: int):
     """Triton launch settings on GPU (None elsewhere): 8 warps for 128×128 score tiles, else 4."""
-    if interpret or jax.default_backend() != "gpu":
+    if interpret or current_target().platform != "gpu":
         return None
     params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # name before jax 0.7
     return params(num_warps=8 if tile_elems >= 128 * 128 else 4, num_stages=2)

@@ -120,7 +120,7 @@ def ring_attention_shard(
         raise RingError("ring attention: give both q_segment_ids and kv_segment_ids, or neither.")
     q_seg = jnp.zeros_like(q_pos) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros_like(kv_pos) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    if choose_kernel(kernel, head_dim=h) == "pallas":
+    if choose_kernel(kernel, head_dim=h) != "jnp":
         cfg = PallasConfig.for_chunk(causal, h**-0.5 if scale is None else scale, chunk_size, counter)
         return ring_pallas_shard(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg, axis_name, skip_future_hops)
     chunk = ChunkConfig(

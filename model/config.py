@@ -21,7 +21,14 @@ from model.rope import ROPE_TYPES, RopeConfig
 from model.schema import ConfigError, Items
 
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
-ATTENTION_KERNELS = ("auto", "jnp", "pallas")  # local kernel of blockwise/ring (attention.choose_kernel)
+ATTENTION_KERNELS = (
+    "auto",
+    "jnp",
+    "pallas",
+    "mosaic_tpu",
+    "mosaic_gpu",
+    "triton",
+)  # local kernel of blockwise/ring (attention.choose_kernel)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import model
-from attention import attention, choose_kernel, instrument
+from attention import Target, attention, choose_kernel, compile_target, current_target, instrument
 from attention.api import AttentionError
 from attention.blockwise import blockwise_attention
 from attention.layout import from_layout, to_layout
@@ -165,13 +165,18 @@ def test_attention_blockwise_pallas_kernel_matches_jnp_and_reference():
 
 def test_kernel_choice():
     assert choose_kernel("auto", "cpu") == "jnp"
-    assert choose_kernel("auto", "gpu") == "pallas"
-    assert choose_kernel("auto", "gpu", head_dim=128) == "pallas"
-    assert choose_kernel("auto", "gpu", head_dim=96) == "jnp"  # Triton loads power-of-two tiles only
-    assert choose_kernel("pallas", "cpu") == "pallas"
+    assert choose_kernel("auto", "gpu") == "triton"  # compute capability unknown: not assumed Hopper
+    assert choose_kernel("auto", target=Target("gpu", 8.0), head_dim=128) == "triton"
+    assert choose_kernel("auto", target=Target("gpu", 8.0), head_dim=96) == "jnp"  # Triton tiles are powers of two
+    assert choose_kernel("auto", target=Target("gpu", 9.0)) == "mosaic_gpu"
+    assert choose_kernel("auto", "tpu") == "mosaic_tpu"
+    assert choose_kernel("pallas", "cpu") == "triton"  # interpreted
     assert choose_kernel("jnp", "gpu") == "jnp"
-    with pytest.raises(AttentionError, match="unknown attention kernel 'triton'"):
-        choose_kernel("triton")
+    with compile_target("tpu"):
+        assert choose_kernel("auto") == "mosaic_tpu" and current_target().interpret is False
+    assert current_target().platform == "cpu"
+    with pytest.raises(AttentionError, match="unknown attention kernel 'cuda'"):
+        choose_kernel("cuda")
 
 
 def _ring_case(layout, ring=8, t=64, kv_heads=2, packed=True):
@@ -206,8 +211,8 @@ def test_ring_pallas_shard_zigzag_on_eight_devices():
 def test_model_attention_kernel_switch_reaches_the_kernel():
     """``LlamaConfig.attention_kernel`` reaches `attention`: the tiny model's loss and gradients
     with Pallas blockwise attention under full remat equal the jnp loops' (a bad name is a config error)."""
-    with pytest.raises(ConfigError, match="unknown attention_kernel 'triton'"):
-        model.preset("tiny", attention_kernel="triton")
+    with pytest.raises(ConfigError, match="unknown attention_kernel 'cuda'"):
+        model.preset("tiny", attention_kernel="cuda")
     cfg = model.preset("tiny", attention_impl="blockwise", attention_chunk=8, num_layers=1, remat_policy="full")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16))
     params = model.Llama(cfg).init(jax.random.key(0), tokens)["params"]
