@@ -18,17 +18,20 @@ Masks come from positions and segment ids, so any token order (ring layouts, pac
 documents, KV caches) is handled by the same code.
 
 Modules: `api` (the entry point), `axes` (logical axis names → mesh axes under the rules the
-caller installed; ring attention's ``shard_map`` specs), `reference` (dense), `xla`, `blockwise` (flash-style, custom
-VJP, returns the LSE) on the chunk loops of `flash`, `ring` (shard_map ring attention),
+caller installed), `reference` (dense), `xla`, `blockwise` (flash-style, custom VJP, returns the
+LSE) on the chunk loops of `flash`; `strategies` (context parallelism over a
+mesh axis: ring, allgather, ulysses, hybrid), `driver` (the one hop loop and custom VJP every
+non-dense implementation runs on), `local_kernels` (the kernels a hop runs, one interface),
 `layout` (contiguous / zigzag / striped token layouts), `merge` (LSE merge), `instrument`
 (run-time counts of executed chunk pairs and ring hops), `pallas_flash` (Pallas forward/backward
-kernels with position/segment masks) and `pallas_attention` (their custom VJPs, one device and
-ring hops: the ``kernel="pallas"`` paths).
+kernels with position/segment masks, Triton layout) and `kernels` (the compile target and the
+choice of kernel).
 """
 
 from attention.api import IMPLS, KERNELS, AttentionError, attention, choose_impl, choose_kernel, ring_problem
 from attention.axes import RulesError
 from attention.blockwise import blockwise_attention
+from attention.driver import DriverConfig, attend
 from attention.instrument import count_work
 from attention.kernels import PLATFORMS, Target, compile_target, current_target
 from attention.layout import (
@@ -42,12 +45,12 @@ from attention.layout import (
     to_layout,
     to_layout_tree,
 )
+from attention.local_kernels import KERNEL_TABLE, KernelSpec, LocalKernel, get_kernel
 from attention.masks import EMPTY_POSITION, default_positions, make_mask
 from attention.merge import merge_partials
-from attention.pallas_attention import PallasConfig, pallas_attention, ring_pallas_shard
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.reference import reference_attention
-from attention.ring import RingError, ring_attention_shard, sharded_attention
+from attention.strategies import STRATEGIES, RingError, context_parallel_shard, sharded_attention, ulysses_heads
 
 __all__ = [
     "EMPTY_POSITION",
@@ -58,13 +61,20 @@ __all__ = [
     "compile_target",
     "current_target",
     "LAYOUTS",
+    "KERNEL_TABLE",
+    "STRATEGIES",
+    "DriverConfig",
+    "KernelSpec",
+    "LocalKernel",
     "AttentionError",
     "LayoutError",
-    "PallasConfig",
     "RingError",
     "RulesError",
     "attention",
+    "attend",
     "blockwise_attention",
+    "context_parallel_shard",
+    "get_kernel",
     "check_layout",
     "choose_impl",
     "choose_kernel",
@@ -76,14 +86,12 @@ __all__ = [
     "layout_positions",
     "make_mask",
     "merge_partials",
-    "pallas_attention",
     "pallas_backward",
     "pallas_forward",
     "reference_attention",
-    "ring_attention_shard",
-    "ring_pallas_shard",
     "ring_problem",
     "sharded_attention",
     "to_layout",
     "to_layout_tree",
+    "ulysses_heads",
 ]

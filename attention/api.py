@@ -6,13 +6,18 @@ Implementations (``impl``):
   on GPU). Only default positions without segment ids have a form it takes without a dense mask;
   explicit positions or segment ids fall back to ``blockwise`` (the fused local kernel);
 - ``blockwise``: flash attention over the local sequence with a custom VJP, O(S·d) memory;
-- ``ring``: blockwise attention inside ``jax.shard_map`` with K/V passed around the
-  ``sequence`` mesh axis (needs ``mesh``);
-- ``auto``: the fastest exact choice for the platform and shapes (see `choose_impl`).
+- ``ring``, ``allgather``, ``ulysses``, ``hybrid``: context parallelism over the ``sequence``
+  mesh axis (needs ``mesh``; `attention.strategies`): K/V travel a ring, K/V are gathered,
+  heads and sequence are swapped by all-to-all, or all-to-all inside groups of ``ulysses_size``
+  devices with a ring across them;
+- ``auto``: ``ring`` on a mesh whose ``sequence`` axis is > 1 (the one strategy that keeps memory
+  O(S/N) at any length; `sharding plan` recommends another where it is faster and fits, and a
+  training run's ``model.context_parallel: auto`` applies that recommendation), else the fastest
+  exact one-device choice for the platform and shapes (see `choose_impl`).
 
-The local kernel of ``blockwise`` and ``ring`` (``kernel``): ``jnp`` (chunk loops in plain JAX,
-`attention.flash`), ``pallas`` (Pallas kernels, `attention.pallas_flash`; interpret mode off
-GPU/TPU) or ``auto`` (see `choose_kernel`).
+The local kernel of every implementation but ``reference`` and ``xla`` (``kernel``): ``jnp``
+(chunk loops in plain JAX, `attention.flash`), a Pallas kernel (``pallas`` = the target's:
+``mosaic_tpu``, ``mosaic_gpu`` or ``triton``; interpreted on CPU) or ``auto`` (`choose_kernel`).
 """
 
 from __future__ import annotations
@@ -23,21 +28,21 @@ import jax
 import jax.numpy as jnp
 
 from attention.blockwise import blockwise_attention
-from attention.kernels import KERNELS, AttentionError, choose_kernel
+from attention.kernels import KERNELS, AttentionError, choose_kernel, current_target
 from attention.masks import default_positions, make_mask
 from attention.reference import reference_attention
-from attention.ring import sharded_attention
+from attention.strategies import STRATEGIES, sharded_attention
 from attention.xla import xla_attention
 
 __all__ = ["IMPLS", "KERNELS", "AttentionError", "attention", "choose_impl", "choose_kernel", "ring_problem"]
 
-IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+IMPLS = ("auto", "reference", "xla", "blockwise", *STRATEGIES)
 # Below this many keys the dense matrix is cheap and XLA fuses it well on CPU.
 _DENSE_MAX_KEYS = 1024
 
 
 def ring_problem(q: jax.Array, k: jax.Array, mesh) -> str | None:
-    """Why ring attention cannot shard these inputs over ``mesh`` (None when it can)."""
+    """Why context-parallel attention cannot shard these inputs over ``mesh`` (None when it can)."""
     ring = dict(mesh.shape).get("sequence", 1)
     if q.shape[1] % ring or k.shape[1] % ring:
         return (
@@ -58,7 +63,7 @@ def choose_impl(q: jax.Array, k: jax.Array, mesh=None, platform: str | None = No
     """
     if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
         return "ring" if ring_problem(q, k, mesh) is None else "blockwise"
-    platform = platform or jax.default_backend()
+    platform = platform or current_target().platform
     if platform == "gpu" and q.shape[-1] in (64, 128) and q.dtype in (jnp.bfloat16, jnp.float16):
         return "xla"
     return "reference" if k.shape[1] <= _DENSE_MAX_KEYS else "blockwise"
@@ -78,8 +83,8 @@ def attention(
     scale: float | None = None,
     mesh=None,
     chunk_size: int = 512,
-    skip_future_hops: bool = True,
     kernel: str = "auto",
+    ulysses_size: int | None = None,
 ) -> jax.Array:
     """Grouped-query attention with masks from positions and segment ids.
 
@@ -91,14 +96,16 @@ def attention(
             self-attention it also serves the keys unless ``kv_segment_ids`` is given.
         q_positions, kv_positions: int32 ``[b, t]`` / ``[b, s]`` global positions
             (default ``arange``); a sequence shard passes its own.
-        impl: ``auto | reference | xla | blockwise | ring``. ``xla`` with explicit positions or
-            segment ids runs ``blockwise`` (cuDNN takes neither without a dense mask).
+        impl: ``auto | reference | xla | blockwise | ring | allgather | ulysses | hybrid``.
+            ``xla`` with explicit positions or segment ids runs ``blockwise`` (cuDNN takes
+            neither without a dense mask).
         scale: logit multiplier, default ``h ** -0.5``.
-        mesh: required for ``ring`` (a mesh with a ``sequence`` axis).
-        chunk_size: KV (and query) chunk for blockwise/ring.
-        skip_future_hops: ring only; False reproduces the classic ring that computes and
-            masks every hop (for benchmarks).
-        kernel: local kernel of blockwise/ring: ``auto | jnp | pallas`` (`choose_kernel`).
+        mesh: required for the context-parallel impls (a mesh with a ``sequence`` axis). Specs
+            follow the logical-axis rules the caller installed, or with none the default
+            mapping (batch → data/fsdp, heads → tensor, length → sequence).
+        chunk_size: KV (and query) chunk of the local kernel (the largest tile of a Pallas one).
+        kernel: local kernel: ``auto | jnp | pallas | mosaic_tpu | mosaic_gpu | triton`` (`choose_kernel`).
+        ulysses_size: ``hybrid`` only: devices per Ulysses group (adjacent on ``sequence``).
 
     Returns:
         ``[b, t, n, h]`` in q's dtype. Query rows with no visible key are zeros.
@@ -136,16 +143,18 @@ def attention(
             return xla_attention(q, k, v, scale, is_causal=causal)
         impl = "blockwise"
 
-    if impl == "ring":
+    if impl in STRATEGIES:
         if mesh is None:
-            raise AttentionError("impl='ring' needs mesh=: a jax Mesh with a 'sequence' axis.")
+            raise AttentionError(f"impl={impl!r} needs mesh=: a jax Mesh with a 'sequence' axis.")
         if problem := ring_problem(q, k, mesh):
-            raise AttentionError(f"impl='ring' cannot run: {problem}; impl='auto' falls back to blockwise.")
+            raise AttentionError(f"impl={impl!r} cannot run: {problem}; impl='auto' falls back to blockwise.")
         return sharded_attention(
             q,
             k,
             v,
             mesh=mesh,
+            strategy=impl,
+            ulysses_size=ulysses_size,
             causal=causal,
             q_positions=q_positions,
             kv_positions=kv_positions,
@@ -153,7 +162,6 @@ def attention(
             kv_segment_ids=kv_segment_ids,
             scale=scale,
             chunk_size=chunk_size,
-            skip_future_hops=skip_future_hops,
             kernel=kernel,
         )
     if impl == "blockwise":

@@ -60,7 +60,7 @@ from attention.blockwise import blockwise_attention  # noqa: E402
 from attention.layout import layout_positions  # noqa: E402
 from attention.masks import default_positions, make_mask  # noqa: E402
 from attention.reference import reference_attention  # noqa: E402
-from attention.ring import sharded_attention  # noqa: E402
+from attention.strategies import sharded_attention  # noqa: E402
 from convert.atomic import atomic_file  # noqa: E402
 from sharding import MeshConfig, axis_rules, make_mesh  # noqa: E402
 
@@ -154,7 +154,7 @@ def _grad_fn(kind: str, args, mesh, seq: int, chunk: int, counter=None):
                 q_positions=pos,
                 kv_positions=pos,
                 chunk_size=chunk,
-                skip_future_hops=skip,
+                skip_masked=skip,
                 counter=counter,
             )
 

@@ -142,7 +142,7 @@ def test_causal_chunk_skipping_is_real():
             fn = jax.jit(
                 jax.grad(
                     lambda q, k, v: jnp.sum(
-                        blockwise_attention(q, k, v, chunk_size=8, skip_masked_chunks=skip, counter=counts)[0] * d_out
+                        blockwise_attention(q, k, v, chunk_size=8, skip_masked=skip, counter=counts)[0] * d_out
                     ),
                     argnums=(0, 1, 2),
                 )

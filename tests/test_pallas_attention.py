@@ -22,9 +22,9 @@ from attention.blockwise import blockwise_attention
 from attention.layout import from_layout, to_layout
 from attention.masks import make_mask
 from attention.merge import merge_partials
-from attention.pallas_attention import PallasConfig, pallas_attention, ring_pallas_shard
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.reference import reference_attention
+from attention.strategies import context_parallel_shard
 from model.config import ConfigError
 from sharding import MeshConfig, axis_rules, make_mesh
 
@@ -37,6 +37,18 @@ def _inputs(seed, b, t, s, kv_heads, dtype=np.float32):
     normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
     q, k, v = normal(b, t, N, H), normal(b, s, kv_heads, H), normal(b, s, kv_heads, H)
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), normal(b, t, N, H), normal(b, t, N)
+
+
+def _pallas(tile, causal=True, counter=None):
+    """Blockwise attention on the (interpreted) Triton-layout Pallas kernels with ``tile`` tiles."""
+
+    def fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        kw = dict(q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+        return blockwise_attention(
+            q, k, v, **kw, causal=causal, scale=SCALE, chunk_size=tile, kernel="triton", counter=counter
+        )
+
+    return fn
 
 
 def _loss_and_grads(fn, q, k, v, d_out, d_lse):
@@ -79,11 +91,11 @@ def test_pallas_attention_matches_reference(causal, kv_heads, t, s, permuted, pa
     seg = lambda p: (p >= 13).astype(np.int32) + (p >= 29) if packed else np.zeros_like(p)  # noqa: E731
     q_seg, kv_seg = seg(q_pos), seg(kv_pos)
     q, k, v, d_out, d_lse = _inputs(t, b, t, s, kv_heads)
-    cfg = PallasConfig(causal=causal, scale=SCALE, block_q=tile, block_k=tile, block_q_bwd=tile, block_k_bwd=tile)
+    cfg = _pallas(tile, causal)
     mask = make_mask(q_pos, kv_pos, q_seg, kv_seg, causal)
 
     def both(q, k, v):
-        got = _loss_and_grads(lambda *x: pallas_attention(*x, q_pos, kv_pos, q_seg, kv_seg, cfg), q, k, v, d_out, d_lse)
+        got = _loss_and_grads(lambda *x: cfg(*x, q_pos, kv_pos, q_seg, kv_seg), q, k, v, d_out, d_lse)
         want = _loss_and_grads(lambda *x: reference_attention(*x, mask, SCALE), q, k, v, d_out, d_lse)
         return got, want
 
@@ -138,11 +150,9 @@ def test_bf16_inputs_keep_fp32_statistics():
     q, k, v, d_out, d_lse = _inputs(3, b, t, t, 2, jnp.bfloat16)
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     zeros = np.zeros_like(pos)
-    cfg = PallasConfig(causal=True, scale=SCALE, block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=8)
+    cfg = _pallas(16)
     mask = make_mask(pos, pos)
-    got = jax.jit(lambda *x: _loss_and_grads(lambda *y: pallas_attention(*y, pos, pos, zeros, zeros, cfg), *x))(
-        q, k, v, d_out, d_lse
-    )
+    got = jax.jit(lambda *x: _loss_and_grads(lambda *y: cfg(*y, pos, pos, zeros, zeros), *x))(q, k, v, d_out, d_lse)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in got[2])
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
@@ -187,12 +197,11 @@ def _ring_case(layout, ring=8, t=64, kv_heads=2, packed=True):
     return [lay(x) for x in (q, k, v, d_out, d_lse, pos, seg)], (pos, seg)
 
 
-def test_ring_pallas_shard_zigzag_on_eight_devices():
+def test_pallas_ring_shard_zigzag_on_eight_devices():
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=8))
     (q, k, v, d_out, d_lse, pos, seg), (nat_pos, nat_seg) = _ring_case("zigzag")
-    cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
     act, tok, stat = P(None, "sequence", None, None), P(None, "sequence"), P(None, "sequence", None)
-    shard = functools.partial(ring_pallas_shard, cfg=cfg)
+    shard = functools.partial(context_parallel_shard, strategy="ring", scale=SCALE, chunk_size=8, kernel="triton")
     # check_vma=False: Pallas's interpret mode does not type its loops' manual axes (jax 0.10).
     ring = jax.shard_map(
         shard, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=False
@@ -238,8 +247,8 @@ def test_masked_tiles_are_skipped_not_computed():
 
     def counts(seg):
         with instrument.count_work() as c:
-            cfg = PallasConfig(causal=True, scale=SCALE, block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8, counter=c)
-            fn = jax.jit(lambda *x: jax.vjp(lambda *y: pallas_attention(*y, pos, pos, seg, seg, cfg)[0], *x)[1](d_out))
+            cfg = _pallas(8, counter=c)
+            fn = jax.jit(lambda *x: jax.vjp(lambda *y: cfg(*y, pos, pos, seg, seg)[0], *x)[1](d_out))
             jax.block_until_ready(fn(q, k, v))
             jax.effects_barrier()
         return c[("tile_fwd", 0)], c[("tile_dq", 0)], c[("tile_dkv", 0)]
