@@ -121,7 +121,7 @@ def attention(
         raise AttentionError(f"unknown attention impl {impl!r}: use one of {', '.join(IMPLS)}.")
     s = k.shape[1]
     scale = h**-0.5 if scale is None else scale
-    kernel = choose_kernel(kernel, head_dim=h)
+    kernel = choose_kernel(kernel, head_dim=h, dtype=q.dtype)
     # Only arange positions in one document have a mask-free form (is_causal). With t != s the
     # corner a causal flag aligns to is not the same on every backend, so that case, like
     # explicit positions and segment ids, takes the fused local kernel.

@@ -67,5 +67,5 @@ def blockwise_attention(
     q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kv_seg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     spec = KernelSpec(causal, float(h**-0.5 if scale is None else scale), chunk_size, skip_masked, counter)
-    cfg = DriverConfig(choose_kernel(kernel, head_dim=h), spec, "local")
+    cfg = DriverConfig(choose_kernel(kernel, head_dim=h, dtype=q.dtype), spec, "local")
     return attend(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)

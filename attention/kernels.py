@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 KERNELS = ("auto", "jnp", "pallas", "mosaic_tpu", "mosaic_gpu", "triton")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -94,20 +95,27 @@ def _pallas_for(target: Target) -> str:
 
 
 def choose_kernel(
-    kernel: str = "auto", platform: str | None = None, head_dim: int | None = None, target: Target | None = None
+    kernel: str = "auto",
+    platform: str | None = None,
+    head_dim: int | None = None,
+    target: Target | None = None,
+    dtype=None,
 ) -> str:
     """The local kernel ``kernel`` resolves to: ``jnp``, ``mosaic_tpu``, ``mosaic_gpu`` or ``triton``.
 
     ``pallas`` is the Pallas kernel of the target: Mosaic on TPU, Mosaic GPU on compute capability
     9.0 and newer, Triton on older GPUs and (interpreted) on CPU. ``auto`` is that kernel on GPU
-    and TPU and ``jnp`` on CPU, where Pallas would only interpret. A head size Triton cannot tile
-    (not a power of two) stays on ``jnp`` on pre-Hopper GPUs.
+    and TPU and ``jnp`` on CPU, where Pallas would only interpret. On Hopper, ``auto`` takes Triton
+    for what Mosaic GPU cannot (fp32 inputs: WGMMA reads fp32 as tf32 and takes no fp32 register
+    operand; head sizes that are not multiples of 64); a head size Triton cannot tile (not a power
+    of two) stays on ``jnp``.
 
     Args:
         kernel: one of `KERNELS`.
         platform: shorthand for ``target=Target(platform)``.
         head_dim: the head size, when known.
         target: the compile target (default: `current_target`).
+        dtype: the inputs' dtype, when known.
     """
     if kernel not in KERNELS:
         raise AttentionError(f"unknown attention kernel {kernel!r}: use one of {', '.join(KERNELS)}.")
@@ -117,6 +125,10 @@ def choose_kernel(
     chosen = _pallas_for(target)
     if kernel == "auto" and target.platform not in ("gpu", "tpu"):
         return "jnp"
+    if kernel == "auto" and chosen == "mosaic_gpu":
+        fp32 = dtype is not None and jnp.dtype(dtype) == jnp.float32
+        if fp32 or (head_dim is not None and head_dim % 64):
+            chosen = "triton"
     pow2 = head_dim is None or (head_dim > 0 and head_dim & (head_dim - 1) == 0)
     if kernel == "auto" and chosen == "triton" and not pow2:
         return "jnp"

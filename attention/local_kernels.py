@@ -47,6 +47,7 @@ from attention.flash import (
 )
 from attention.kernels import AttentionError
 from attention.pallas_flash import pallas_backward, pallas_forward
+from attention.pallas_mgpu import mosaic_gpu_backward, mosaic_gpu_forward
 
 
 @dataclass(frozen=True)
@@ -159,34 +160,52 @@ def _triton_tiles(spec: KernelSpec, t: int, s: int, cap: int) -> tuple[int, int]
     return min(cap, spec.q_tile or _triton_tile(spec, t)), min(cap, spec.kv_tile or _triton_tile(spec, s))
 
 
-def _triton_forward(spec, q, k, v, qp, kp, qs, ks, active=None, index=None):
-    bq, bk = _triton_tiles(spec, q.shape[1], k.shape[1], MAX_TILE)
+def _pallas_pair(forward_fn, backward_fn, tiles):
+    """Kernel forward/backward functions around a Pallas kernel pair; ``tiles(spec, t, s, backward)``."""
 
-    def compute():
-        kw = dict(causal=spec.causal, scale=spec.scale, block_q=bq, block_k=bk, counter=spec.counter)
-        return pallas_forward(q, k, v, qp, kp, qs, ks, **kw)
+    def forward(spec, q, k, v, qp, kp, qs, ks, active=None, index=None):
+        bq, bk = tiles(spec, q.shape[1], k.shape[1], False)
 
-    return _gated(active, compute, lambda: _empty_forward(q, k, v, qp, kp, qs, ks))
+        def compute():
+            kw = dict(causal=spec.causal, scale=spec.scale, block_q=bq, block_k=bk, counter=spec.counter)
+            return forward_fn(q, k, v, qp, kp, qs, ks, **kw)
+
+        return _gated(active, compute, lambda: _empty_forward(q, k, v, qp, kp, qs, ks))
+
+    def backward(spec, q, k, v, qp, kp, qs, ks, do, lse, delta, active=None, index=None):
+        bq, bk = tiles(spec, q.shape[1], k.shape[1], True)
+
+        def compute():
+            kw = dict(causal=spec.causal, scale=spec.scale, block_q=bq, block_k=bk, counter=spec.counter)
+            return backward_fn(q, k, v, qp, kp, qs, ks, do, lse, delta, **kw)
+
+        def empty():
+            dq = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, lse)
+            return dq, jnp.zeros_like(dq, shape=k.shape), jnp.zeros_like(dq, shape=v.shape)
+
+        return _gated(active, compute, empty)
+
+    return forward, backward
 
 
-def _triton_backward(spec, q, k, v, qp, kp, qs, ks, do, lse, delta, active=None, index=None):
-    bq, bk = _triton_tiles(spec, q.shape[1], k.shape[1], MAX_TILE_BWD)
+_triton_forward, _triton_backward = _pallas_pair(
+    pallas_forward,
+    pallas_backward,
+    lambda spec, t, s, bwd: _triton_tiles(spec, t, s, MAX_TILE_BWD if bwd else MAX_TILE),
+)
 
-    def compute():
-        kw = dict(causal=spec.causal, scale=spec.scale, block_q=bq, block_k=bk, counter=spec.counter)
-        return pallas_backward(q, k, v, qp, kp, qs, ks, do, lse, delta, **kw)
-
-    def empty():
-        dq = vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, do, lse)
-        return dq, jnp.zeros_like(dq, shape=k.shape), jnp.zeros_like(dq, shape=v.shape)
-
-    return _gated(active, compute, empty)
+# Mosaic GPU: one warpgroup per program, tiles of 64 rows (the WGMMA M size) forward and backward.
+MGPU_TILE = 64
+_mgpu_forward, _mgpu_backward = _pallas_pair(
+    mosaic_gpu_forward, mosaic_gpu_backward, lambda spec, t, s, bwd: (MGPU_TILE, MGPU_TILE)
+)
 
 
 KERNEL_TABLE: dict[str, LocalKernel] = {
     "jnp": LocalKernel("jnp", _jnp_forward, _jnp_backward, _jnp_tile, checks_vma=True),
     # Pallas's interpret mode does not type its loops' manual axes (jax 0.10): run unchecked.
     "triton": LocalKernel("triton", _triton_forward, _triton_backward, _triton_tile, checks_vma=False),
+    "mosaic_gpu": LocalKernel("mosaic_gpu", _mgpu_forward, _mgpu_backward, lambda spec, n: MGPU_TILE, checks_vma=False),
 }
 
 

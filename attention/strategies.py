@@ -61,6 +61,12 @@ def ulysses_heads(n: int, kh: int, group: int) -> int:
     return kv
 
 
+def default_ulysses_size(size: int, n: int, limit: int = 8) -> int:
+    """Hybrid's default group: the largest proper divisor of ``size`` up to ``limit`` (a GPU node's
+    NVLink island) that divides the ``n`` query heads (1: a plain ring)."""
+    return max((u for u in range(1, min(limit, size - 1) + 1) if size % u == 0 and n % u == 0), default=1)
+
+
 def _groups(size: int, group: int):
     return None if group == size else [list(range(g * group, (g + 1) * group)) for g in range(size // group)]
 
@@ -119,14 +125,14 @@ def context_parallel_shard(
         raise RingError(f"unknown context-parallel strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
     h = q.shape[-1]
     spec = KernelSpec(causal, float(h**-0.5 if scale is None else scale), chunk_size, skip_masked, counter)
-    name = choose_kernel(kernel, head_dim=h)
+    name = choose_kernel(kernel, head_dim=h, dtype=q.dtype)
     ints = [x.astype(jnp.int32) for x in (q_positions, kv_positions, q_segment_ids, kv_segment_ids)]
     if strategy == "ring":
         return attend(DriverConfig(name, spec, "ring", axis_name), q, k, v, *ints)
     if strategy == "allgather":
         return attend(DriverConfig(name, spec, "gather", axis_name), q, k, v, *ints)
     size = lax.axis_size(axis_name)
-    group = size if strategy == "ulysses" else (ulysses_size or size)
+    group = size if strategy == "ulysses" else (ulysses_size or default_ulysses_size(size, q.shape[2]))
     if size % group:
         raise RingError(f"hybrid: ulysses_size {group} must divide the {size} devices of {axis_name!r}.")
     n, kh = q.shape[2], k.shape[2]
@@ -271,7 +277,7 @@ def sharded_attention(
         skip_masked=skip_masked,
         counter=counter,
     )
-    check = get_kernel(choose_kernel(kernel, head_dim=h)).checks_vma
+    check = get_kernel(choose_kernel(kernel, head_dim=h, dtype=q.dtype)).checks_vma
     out, lse = jax.shard_map(
         shard_fn, mesh=mesh, in_specs=(act, act, act, tok, tok, tok, tok), out_specs=(act, stat), check_vma=check
     )(q, k, v, q_pos, kv_pos, q_seg, kv_seg)

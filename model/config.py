@@ -20,7 +20,8 @@ from model import schema
 from model.rope import ROPE_TYPES, RopeConfig
 from model.schema import ConfigError, Items
 
-ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "ring", "allgather", "ulysses", "hybrid")
+CONTEXT_PARALLEL = ("auto", "ring", "allgather", "ulysses", "hybrid")  # attention.STRATEGIES, or auto
 ATTENTION_KERNELS = (
     "auto",
     "jnp",
@@ -72,11 +73,15 @@ class LlamaConfig:
     remat_policy: str = "none"
     """jax.checkpoint policy per layer: none | full | dots | dots_with_no_batch_dims"""
     attention_impl: str = "auto"
-    """auto | reference | xla | blockwise | ring"""
+    """auto | reference | xla | blockwise | ring | allgather | ulysses | hybrid (auto: see context_parallel)"""
     attention_chunk: int = 512
     """KV chunk of blockwise/ring attention"""
     attention_kernel: str = "auto"
-    """local kernel of blockwise/ring: jnp loops, pallas kernels, or auto (pallas on GPU, jnp elsewhere)"""
+    """local kernel: jnp | pallas (the platform's) | mosaic_tpu | mosaic_gpu | triton | auto (pallas on GPU/TPU)"""
+    context_parallel: str = "auto"
+    """sequence-sharded strategy: ring | allgather | ulysses | hybrid | auto (training: the planner's pick)"""
+    ulysses_size: int = 0
+    """hybrid: devices per Ulysses group, adjacent on the sequence axis (e.g. a node's 8 GPUs); 0: auto"""
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, int):  # from_hf: HF configs hold one id or a list
@@ -114,6 +119,12 @@ class LlamaConfig:
             raise ConfigError(
                 f"unknown attention_impl {self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}."
             )
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ConfigError(
+                f"unknown context_parallel {self.context_parallel!r}: use one of {', '.join(CONTEXT_PARALLEL)}."
+            )
+        if int(self.ulysses_size) < 0:
+            raise ConfigError(f"ulysses_size must be 0 (auto) or a positive group size, got {self.ulysses_size}.")
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ConfigError(
                 f"unknown attention_kernel {self.attention_kernel!r}: use one of {', '.join(ATTENTION_KERNELS)}."

@@ -95,20 +95,33 @@ class Attention(nn.Module):
             values = jax.lax.dynamic_update_slice(layer_cache["v"], v_new.astype(layer_cache["v"].dtype), start)
             kv_pos, new_cache = ctx["kv_positions"], {"k": keys, "v": values}
             keys, values = keys.astype(dt), values.astype(dt)
+        mesh = self.mesh if layer_cache is None else None
+        # Default positions in one document have a mask-free form (is_causal): passing None lets
+        # `attention` reach cuDNN on GPU; every other implementation rebuilds the same arange.
+        plain = layer_cache is None and ctx["plain"]
         out = attention(
             q,
             keys,
             values,
             causal=True,
             segment_ids=ctx["segment_ids"] if layer_cache is None else None,
-            q_positions=ctx["positions"],
-            kv_positions=kv_pos,
-            impl=cfg.attention_impl,
-            mesh=self.mesh if layer_cache is None else None,
+            q_positions=None if plain else ctx["positions"],
+            kv_positions=None if plain else kv_pos,
+            impl=_impl(cfg, mesh),
+            mesh=mesh,
             chunk_size=cfg.attention_chunk,
             kernel=cfg.attention_kernel,
+            ulysses_size=cfg.ulysses_size or None,
         )
         return lora_lib.add_delta(L.project_out(out, o_w.astype(dt)), out, o_ad, self.lora), new_cache
+
+
+def _impl(cfg: LlamaConfig, mesh) -> str:
+    """``attention_impl``, with ``auto`` on a sequence-sharded mesh refined by ``context_parallel``."""
+    sharded = mesh is not None and dict(mesh.shape).get("sequence", 1) > 1
+    if cfg.attention_impl == "auto" and sharded and cfg.context_parallel != "auto":
+        return cfg.context_parallel
+    return cfg.attention_impl
 
 
 def _scoped_param(module: nn.Module, name: str, shape, names) -> jax.Array:
@@ -238,12 +251,13 @@ class Llama(nn.Module):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
+        plain = positions is None and segment_ids is None and cache is None  # arange in one document
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = positions.astype(jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        ctx = {"cos": cos, "sin": sin, "positions": positions, "segment_ids": segment_ids}
+        ctx = {"cos": cos, "sin": sin, "positions": positions, "segment_ids": segment_ids, "plain": plain}
         if cache is not None:
             ctx["cache_index"] = cache["index"]
             ctx["kv_positions"] = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, cache["index"]))

@@ -178,7 +178,9 @@ def test_kernel_choice():
     assert choose_kernel("auto", "gpu") == "triton"  # compute capability unknown: not assumed Hopper
     assert choose_kernel("auto", target=Target("gpu", 8.0), head_dim=128) == "triton"
     assert choose_kernel("auto", target=Target("gpu", 8.0), head_dim=96) == "jnp"  # Triton tiles are powers of two
-    assert choose_kernel("auto", target=Target("gpu", 9.0)) == "mosaic_gpu"
+    assert choose_kernel("auto", target=Target("gpu", 9.0), head_dim=128, dtype=jnp.bfloat16) == "mosaic_gpu"
+    assert choose_kernel("auto", target=Target("gpu", 9.0), head_dim=128, dtype=jnp.float32) == "triton"
+    assert choose_kernel("auto", target=Target("gpu", 9.0), head_dim=96, dtype=jnp.bfloat16) == "jnp"
     assert choose_kernel("auto", "tpu") == "mosaic_tpu"
     assert choose_kernel("pallas", "cpu") == "triton"  # interpreted
     assert choose_kernel("jnp", "gpu") == "jnp"

@@ -67,7 +67,8 @@ from train.state import TrainState, full_params
 
 # Model-config fields that describe how to run, not what the model is: a config's values for
 # these apply on top of an --init-from checkpoint's own config.
-EXEC_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk", "attention_kernel")
+EXEC_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk", "attention_kernel",
+               "context_parallel", "ulysses_size")  # fmt: skip
 
 
 def base_model(cfg: TrainConfig, init_from: str | None) -> LlamaConfig:

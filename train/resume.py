@@ -29,7 +29,8 @@ from train.config import StagePlan, TrainConfig, model_config, start_plan
 FINGERPRINT_KEY = "resume_check"
 # How the model is computed, not what it is: a resume may change these, and the change applies.
 # (scan_layers is not here: it changes the parameter tree the checkpoint holds.)
-RESUMABLE_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "attention_kernel")
+RESUMABLE_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_chunk", "attention_kernel",
+                          "context_parallel", "ulysses_size")  # fmt: skip
 # Where data is cached, not what it is.
 RESUMABLE_DATA_FIELDS = ("cache_dir",)
 
