@@ -10,6 +10,7 @@ hops = overlap_plan(seq_len=1 << 20, ring=64, ...)  # ring hop compute vs K/V tr
 """
 
 from sharding.comm import CommError, OverlapPlan, overlap_plan
+from sharding.cp_plan import LINKS, StrategyPlan, plan_strategies, recommend, resolve_context_parallel
 from sharding.distributed import (
     DistributedError,
     detect_cluster,
@@ -39,6 +40,11 @@ from sharding.rules import (
 )
 
 __all__ = [
+    "LINKS",
+    "StrategyPlan",
+    "plan_strategies",
+    "recommend",
+    "resolve_context_parallel",
     "ACTIVATION_RULES",
     "AXES",
     "CommError",

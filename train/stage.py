@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from model import lora as lora_lib
 from model.config import LlamaConfig
 from model.params import abstract_params
+from sharding.cp_plan import resolve_context_parallel
 from sharding.mesh import make_mesh
 from sharding.rules import param_shardings
 from train.config import StagePlan, TrainConfig, start_plan
@@ -181,7 +182,8 @@ def build_stage(
     """
     mesh = make_mesh(plan.mesh) if mesh is None else mesh
     stage = plan.stage
-    engine = build_engine(plan.model, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk,
+    model_cfg, _ = resolve_context_parallel(plan.model, stage.seq_len, stage.batch_size, mesh)
+    engine = build_engine(model_cfg, plan.optim, mesh, total_steps=stage.steps, loss_chunk=cfg.loss_chunk,
                           lora=cfg.lora)  # fmt: skip
     data = None
     if with_data:
