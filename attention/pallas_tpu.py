@@ -135,7 +135,11 @@ def _clamp(info, row, idx):
 def _dot(a, b, nt: bool = False):
     """``a @ b`` (or ``a @ b.T``: the "NT" form the MXU takes without a transpose), fp32 accumulation."""
     dims = (((1,), (1,)), ((), ())) if nt else (((1,), (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    # Explicit, so a global ``jax_default_matmul_precision`` cannot ask Mosaic for an fp32
+    # contraction of bf16 operands (which it rejects): bf16 runs natively, fp32 exactly.
+    fp32 = a.dtype == b.dtype == jnp.float32
+    precision = lax.Precision.HIGHEST if fp32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, lse_ref,
