@@ -12,11 +12,11 @@ per-token int32 positions and segment ids, `Q_PAD` / `KV_PAD` padding, GQA witho
 - the grid walks key tiles as its innermost, sequential ("arbitrary") axis with the online-softmax
   state in VMEM scratch, instead of a loop inside the kernel over a whole-length VMEM block, so
   VMEM use does not grow with the sequence;
-- per-row ids and statistics live in the layouts Mosaic broadcasts cheaply: *column* arrays
-  ``[.., L, 128]`` (one value per sublane row, repeated over the 128 lanes) for the side whose
-  tile runs down the rows of the score tile, and *row* arrays ``[.., L / tile, 8, tile]`` for the
-  side that runs along its lanes. The dK/dV kernel computes the score tile transposed
-  (``[bk, bq]``) so that every matmul is a plain or "NT" product and nothing is transposed in VMEM.
+- per-row ids and statistics (positions, segment ids, LSE, delta) travel as *row* arrays
+  ``[.., L / tile, 8, tile]`` (a tile's values along the lanes, 8x, not the 128x of a
+  lane-broadcast column); a kernel turns one into a column of the score tile in VMEM. The dK/dV
+  kernel computes the score tile transposed (``[bk, bq]``) so that every matmul is a plain or "NT"
+  product and nothing is transposed in VMEM.
 
 Skipping: the tiles' position and segment ranges are scalar-prefetched into SMEM; a tile pair the
 mask hides entirely (causal future, disjoint segments, padding) skips its compute under
@@ -65,11 +65,6 @@ def _pad(x: jax.Array, axis: int, multiple: int, value=0, edge: bool = False) ->
     return jnp.pad(x, widths, mode="edge") if edge else jnp.pad(x, widths, constant_values=value)
 
 
-def _cols(x: jax.Array) -> jax.Array:
-    """``[.., L]`` -> ``[.., L, 128]``: each value down a sublane row, repeated over the lanes."""
-    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-
-
 def _rows(x: jax.Array, tile: int) -> jax.Array:
     """``[.., L]`` -> ``[.., L / tile, 8, tile]``: a tile's values along the lanes, on 8 sublanes.
 
@@ -79,6 +74,16 @@ def _rows(x: jax.Array, tile: int) -> jax.Array:
     lead, length = x.shape[:-1], x.shape[-1]
     x = x.reshape(*lead, length // tile, 1, tile)
     return jnp.broadcast_to(x, (*lead, length // tile, SUBLANES, tile))
+
+
+def _row(ref) -> jax.Array:
+    """A row-layout block as ``[1, tile]``: one value per score-tile column."""
+    return ref[:1, :]
+
+
+def _col(ref) -> jax.Array:
+    """A row-layout block as ``[tile, 1]``: one value per score-tile row (a cheap relayout in VMEM)."""
+    return jnp.expand_dims(ref[0], -1)
 
 
 def _lanes(x: jax.Array, width: int) -> jax.Array:
@@ -158,7 +163,7 @@ def _fwd_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_
         v = v_ref[...]
         bk, h = v.shape
         logits = _dot(q_ref[...], k_ref[...], nt=True) * scale  # [bq, bk]
-        mask = _mask(_lanes(qp_ref[...], bk), _lanes(qs_ref[...], bk), kp_ref[:1, :], ks_ref[:1, :], causal)
+        mask = _mask(_col(qp_ref), _col(qs_ref), _row(kp_ref), _row(ks_ref), causal)
         logits = jnp.where(mask, logits, -jnp.inf)
         m_prev = m_scr[...]  # [bq, 128], all lanes equal
         m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
@@ -176,7 +181,8 @@ def _fwd_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_
         seen = denom > 0
         safe = jnp.where(seen, denom, 1.0)
         o_ref[...] = (acc_scr[...] / _lanes(safe, acc_scr.shape[1])).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), -jnp.inf)
+        lse = jnp.where(seen, m_scr[...] + jnp.log(safe), -jnp.inf)  # [bq, 128], all lanes equal
+        lse_ref[...] = jnp.broadcast_to(lse[:, 0][None, :], lse_ref.shape)  # to the row layout
 
 
 def _dq_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
@@ -191,11 +197,10 @@ def _dq_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_r
     def _compute():
         instrument.record(counter, "tile_dq", None)
         k, v = k_ref[...], v_ref[...]
-        bk = k.shape[0]
         logits = _dot(q_ref[...], k, nt=True) * scale  # [bq, bk]
-        mask = _mask(_lanes(qp_ref[...], bk), _lanes(qs_ref[...], bk), kp_ref[:1, :], ks_ref[:1, :], causal)
-        p = jnp.where(mask, jnp.exp(logits - _lanes(lse_ref[...], bk)), 0.0)
-        dlogits = p * (_dot(do_ref[...], v, nt=True) - _lanes(delta_ref[...], bk))  # before the scale
+        mask = _mask(_col(qp_ref), _col(qs_ref), _row(kp_ref), _row(ks_ref), causal)
+        p = jnp.where(mask, jnp.exp(logits - _col(lse_ref)), 0.0)
+        dlogits = p * (_dot(do_ref[...], v, nt=True) - _col(delta_ref))  # before the scale
         acc_scr[...] += scale * _dot(dlogits.astype(k.dtype), k)
 
     @pl.when(j == nk - 1)
@@ -217,12 +222,11 @@ def _dkv_kernel(q_info, k_info, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_
     def _compute():
         instrument.record(counter, "tile_dkv", None)
         q, do = q_ref[...], do_ref[...]  # [bq, h]
-        bq = q.shape[0]
         logits = _dot(k_ref[...], q, nt=True) * scale  # [bk, bq]
-        mask = _mask(qp_ref[:1, :], qs_ref[:1, :], _lanes(kp_ref[...], bq), _lanes(ks_ref[...], bq), causal)
-        p = jnp.where(mask, jnp.exp(logits - lse_ref[:1, :]), 0.0)
+        mask = _mask(_row(qp_ref), _row(qs_ref), _col(kp_ref), _col(ks_ref), causal)
+        p = jnp.where(mask, jnp.exp(logits - _row(lse_ref)), 0.0)
         dv_scr[...] += _dot(p.astype(do.dtype), do)  # [bk, h]
-        dlogits = p * (_dot(v_ref[...], do, nt=True) - delta_ref[:1, :])
+        dlogits = p * (_dot(v_ref[...], do, nt=True) - _row(delta_ref))
         dk_scr[...] += scale * _dot(dlogits.astype(q.dtype), q)
 
     @pl.when((gi == groups - 1) & (i == nq - 1))
@@ -285,27 +289,29 @@ def mosaic_tpu_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, s
         return bi, _clamp(q_info, bi * nq + i, j), 0, 0
 
     q_tile = pl.BlockSpec((None, None, bq, h), lambda bi, ni, i, j, *_: (bi, ni, i, 0))
-    q_col = pl.BlockSpec((None, bq, LANES), lambda bi, ni, i, j, *_: (bi, i, 0))
+    q_row = pl.BlockSpec((None, None, SUBLANES, bq), lambda bi, ni, i, j, *_: (bi, i, 0, 0))
+    stat_row = pl.BlockSpec((None, None, None, SUBLANES, bq), lambda bi, ni, i, j, *_: (bi, ni, i, 0, 0))
     kv_tile = pl.BlockSpec((None, None, bk, h), kv_map)
     kv_row = pl.BlockSpec((None, None, SUBLANES, bk), kv_row_map)
-    inputs = (ops["q"], ops["k"], ops["v"], _cols(ops["q_pos"]), _cols(ops["q_seg"]))
+    inputs = (ops["q"], ops["k"], ops["v"], _rows(ops["q_pos"], bq), _rows(ops["q_seg"], bq))
     inputs += (_rows(ops["kv_pos"], bk), _rows(ops["kv_seg"], bk))
     kernel = functools.partial(_fwd_kernel, causal=causal, scale=float(scale), nq=nq, nk=nk, counter=counter)
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=_out_structs((((b, n, tp, h), jnp.float32), ((b, n, tp, LANES), jnp.float32)), *inputs),
+        out_shape=_out_structs((((b, n, tp, h), jnp.float32), ((b, n, nq, SUBLANES, bq), jnp.float32)), *inputs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, n, nq, nk),
-            in_specs=[q_tile, kv_tile, kv_tile, q_col, q_col, kv_row, kv_row],
-            out_specs=[q_tile, pl.BlockSpec((None, None, bq, LANES), lambda bi, ni, i, j, *_: (bi, ni, i, 0))],
+            in_specs=[q_tile, kv_tile, kv_tile, q_row, q_row, kv_row, kv_row],
+            out_specs=[q_tile, stat_row],
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32)] * 2 + [pltpu.VMEM((bq, h), jnp.float32)],
         ),
         compiler_params=params,
         interpret=interpret,
         name="ringllama_mosaic_fwd",
     )(ops["q_info"], ops["k_info"], *inputs)
-    return jnp.swapaxes(out, 1, 2)[:, :t], jnp.swapaxes(lse[..., 0], 1, 2)[:, :t]
+    lse = lse[:, :, :, 0].reshape(b, n, tp)
+    return jnp.swapaxes(out, 1, 2)[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -349,19 +355,20 @@ def mosaic_tpu_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, *
         return bi, _clamp(q_info, bi * nq + i, j), 0, 0
 
     q_tile = pl.BlockSpec((None, None, bq, h), lambda bi, ni, i, j, *_: (bi, ni, i, 0))
-    q_col = pl.BlockSpec((None, bq, LANES), lambda bi, ni, i, j, *_: (bi, i, 0))
-    stat_col = pl.BlockSpec((None, None, bq, LANES), lambda bi, ni, i, j, *_: (bi, ni, i, 0))
+    q_row = pl.BlockSpec((None, None, SUBLANES, bq), lambda bi, ni, i, j, *_: (bi, i, 0, 0))
+    stat_row = pl.BlockSpec((None, None, None, SUBLANES, bq), lambda bi, ni, i, j, *_: (bi, ni, i, 0, 0))
     kv_tile = pl.BlockSpec((None, None, bk, h), kv_map)
     kv_row = pl.BlockSpec((None, None, SUBLANES, bk), kv_row_map)
-    inputs = (ops["q"], ops["k"], ops["v"], _cols(ops["q_pos"]), _cols(ops["q_seg"]))
-    inputs += (_rows(ops["kv_pos"], bk), _rows(ops["kv_seg"], bk), d_o, _cols(lse), _cols(delta))
+    q_ids, kv_ids = (_rows(ops[x], bq) for x in ("q_pos", "q_seg")), (_rows(ops[x], bk) for x in ("kv_pos", "kv_seg"))
+    q_ids, kv_ids, stats = tuple(q_ids), tuple(kv_ids), (_rows(lse, bq), _rows(delta, bq))
+    inputs = (ops["q"], ops["k"], ops["v"], *q_ids, *kv_ids, d_o, *stats)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **cfg),
         out_shape=_out_structs((((b, n, tp, h), jnp.float32),), *inputs)[0],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, n, nq, nk),
-            in_specs=[q_tile, kv_tile, kv_tile, q_col, q_col, kv_row, kv_row, q_tile, stat_col, stat_col],
+            in_specs=[q_tile, kv_tile, kv_tile, q_row, q_row, kv_row, kv_row, q_tile, stat_row, stat_row],
             out_specs=q_tile,
             scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
         ),
@@ -387,16 +394,15 @@ def mosaic_tpu_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, *
     q_row = pl.BlockSpec((None, None, SUBLANES, bq), q_row_map)
     stat_row = pl.BlockSpec((None, None, None, SUBLANES, bq), stat_row_map)
     kv_tile = pl.BlockSpec((None, None, bk, h), lambda bi, ki, j, *_: (bi, ki, j, 0))
-    kv_col = pl.BlockSpec((None, bk, LANES), lambda bi, ki, j, *_: (bi, j, 0))
-    inputs = (ops["q"], ops["k"], ops["v"], _rows(ops["q_pos"], bq), _rows(ops["q_seg"], bq))
-    inputs += (_cols(ops["kv_pos"]), _cols(ops["kv_seg"]), d_o, _rows(lse, bq), _rows(delta, bq))
+    kv_row = pl.BlockSpec((None, None, SUBLANES, bk), lambda bi, ki, j, *_: (bi, j, 0, 0))
+    inputs = (ops["q"], ops["k"], ops["v"], *q_ids, *kv_ids, d_o, *stats)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, groups=groups, **cfg),
         out_shape=_out_structs((((b, kh, sp, h), jnp.float32),) * 2, *inputs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, kh, nk, groups, nq),
-            in_specs=[q_tile, kv_tile, kv_tile, q_row, q_row, kv_col, kv_col, q_tile, stat_row, stat_row],
+            in_specs=[q_tile, kv_tile, kv_tile, q_row, q_row, kv_row, kv_row, q_tile, stat_row, stat_row],
             out_specs=[kv_tile, kv_tile],
             scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32)] * 2,
         ),
