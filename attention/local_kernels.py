@@ -48,6 +48,7 @@ from attention.flash import (
 from attention.kernels import AttentionError
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.pallas_mgpu import mosaic_gpu_backward, mosaic_gpu_forward
+from attention.pallas_tpu import mosaic_tpu_backward, mosaic_tpu_forward
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,27 @@ _mgpu_forward, _mgpu_backward = _pallas_pair(
 )
 
 
+# Mosaic TPU: (8, 128)-aligned tiles, up to 512 (fewer grid steps); a short block gets one
+# power-of-two tile of at least 16 rows.
+TPU_TILE = 512
+
+
+def _tpu_tile(spec: KernelSpec, length: int) -> int:
+    cap = max(128, min(TPU_TILE, spec.chunk) // 128 * 128)
+    return cap if length > cap else max(16, _next_pow2(length))
+
+
+_tpu_forward, _tpu_backward = _pallas_pair(
+    mosaic_tpu_forward,
+    mosaic_tpu_backward,
+    lambda spec, t, s, bwd: (spec.q_tile or _tpu_tile(spec, t), spec.kv_tile or _tpu_tile(spec, s)),
+)
+
 KERNEL_TABLE: dict[str, LocalKernel] = {
     "jnp": LocalKernel("jnp", _jnp_forward, _jnp_backward, _jnp_tile, checks_vma=True),
     # Pallas's interpret mode does not type its loops' manual axes (jax 0.10): run unchecked.
     "triton": LocalKernel("triton", _triton_forward, _triton_backward, _triton_tile, checks_vma=False),
+    "mosaic_tpu": LocalKernel("mosaic_tpu", _tpu_forward, _tpu_backward, _tpu_tile, checks_vma=False),
     "mosaic_gpu": LocalKernel("mosaic_gpu", _mgpu_forward, _mgpu_backward, lambda spec, n: MGPU_TILE, checks_vma=False),
 }
 

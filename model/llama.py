@@ -98,7 +98,8 @@ class Attention(nn.Module):
         mesh = self.mesh if layer_cache is None else None
         # Default positions in one document have a mask-free form (is_causal): passing None lets
         # `attention` reach cuDNN on GPU; every other implementation rebuilds the same arange.
-        plain = layer_cache is None and ctx["plain"]
+        # (ctx carries None for them: pytree structure is static through the layer scan, a flag is not.)
+        plain = layer_cache is None and ctx["positions"] is None
         out = attention(
             q,
             keys,
@@ -257,7 +258,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = positions.astype(jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        ctx = {"cos": cos, "sin": sin, "positions": positions, "segment_ids": segment_ids, "plain": plain}
+        ctx = {"cos": cos, "sin": sin, "positions": None if plain else positions, "segment_ids": segment_ids}
         if cache is not None:
             ctx["cache_index"] = cache["index"]
             ctx["kv_positions"] = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, cache["index"]))

@@ -233,7 +233,7 @@ STORED_TINY = json.loads(
     '"beta_slow": null, "mscale": null, "mscale_all_dim": null, "attention_factor": null, "truncate": null, '
     '"short_factor": null, "long_factor": null}, "bos_token_id": 1, "eos_token_id": [2], "dtype": "float32", '
     '"param_dtype": "float32", "scan_layers": true, "remat_policy": "none", "attention_impl": "auto", '
-    '"attention_chunk": 512, "attention_kernel": "auto"}'
+    '"attention_chunk": 512, "attention_kernel": "auto", "context_parallel": "auto", "ulysses_size": 0}'
 )
 
 
@@ -242,7 +242,8 @@ def test_from_dict_reads_stored_checkpoint_configs():
     assert cfg == model.preset("tiny") and hash(cfg) == hash(model.preset("tiny"))  # a jit static argument
     assert type(cfg) is LlamaConfig and type(cfg.rope) is RopeConfig and cfg.eos_token_id == (2,)
     assert cfg.to_dict() == STORED_TINY
-    older = {k: v for k, v in STORED_TINY.items() if k != "attention_kernel"}  # before the field existed
+    newer = ("attention_kernel", "context_parallel", "ulysses_size")
+    older = {k: v for k, v in STORED_TINY.items() if k not in newer}  # before the fields existed
     assert LlamaConfig.from_dict(older) == cfg
     with pytest.raises(ConfigError, match=r"num_layers must be an int, got 'two'"):
         LlamaConfig.from_dict({**STORED_TINY, "num_layers": "two"})
