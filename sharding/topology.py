@@ -16,6 +16,7 @@ figure: v4 32 GiB, v5p 95 GiB, v5e 16 GiB, v6e 32 GiB.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from jax.experimental.topologies import get_topology_desc
@@ -137,6 +138,10 @@ def tpu_devices(name: str | TpuTopology) -> list:
     topo = target(name) if isinstance(name, str) else name
     if not isinstance(topo, TpuTopology):
         raise TopologyError(f"{topo.name} is a GPU target: it has no TPU devices to compile for.")
+    # Read by libtpu when it loads: no GCE metadata lookups, and no host-wide lock (nothing runs on a TPU
+    # here, so concurrent compiling processes are fine).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = get_topology_desc(
             platform="tpu",

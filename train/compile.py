@@ -24,6 +24,7 @@ a mesh the slice cannot hold), with no ``--json`` file left behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from attention import choose_impl, choose_kernel, compile_target
 from convert.atomic import atomic_file
 from model.config import ConfigError
 from model.params import abstract_params
-from sharding.mesh import AXES, MeshError
+from sharding.mesh import AXES, MeshConfig, MeshError
 from sharding.planner import PlanError, plan_memory
 from sharding.rules import batch_sharding
 from sharding.topology import GpuTarget, TopologyError, TpuTopology, target, tpu_devices
@@ -173,6 +174,24 @@ def compile_stage(cfg: TrainConfig, plan: StagePlan, tgt: TpuTopology | GpuTarge
     return row
 
 
+def only_stage(cfg: TrainConfig, stage: str | None) -> TrainConfig:
+    """``cfg`` with every stage but ``stage`` on a mesh any device count resolves (tensor=-1).
+
+    The other stages still resolve θ and max positions for the chosen one, but their meshes (sized for
+    the run's cluster, not this slice) must not stop it from compiling.
+    """
+    if stage is None:
+        return cfg
+    names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
+    if stage not in names:
+        raise ConfigError(f"--stage {stage!r} is not a stage of this config: use one of {', '.join(names)}.")
+    anywhere = MeshConfig(data=1, fsdp=1, tensor=-1, sequence=1)
+    stages = [
+        s if n == stage else dataclasses.replace(s, mesh=anywhere) for s, n in zip(cfg.stages, names, strict=True)
+    ]
+    return dataclasses.replace(cfg, stages=tuple(stages))
+
+
 def compile_run(cfg: TrainConfig, topology: str, stage: str | None = None, say=print) -> list[dict]:
     """Compile every selected stage of ``cfg`` for ``topology``; rows as `compile_stage` returns them."""
     tgt = target(topology)
@@ -182,12 +201,9 @@ def compile_run(cfg: TrainConfig, topology: str, stage: str | None = None, say=p
     else:
         count = gpu_device_count(cfg, tgt)
         devices = host_devices(count)
-    plans = validate(cfg, count)
+    plans = validate(only_stage(cfg, stage), count)
     if stage is not None:
         chosen = [p for p in plans if p.name == stage]
-        if not chosen:
-            names = ", ".join(p.name for p in plans)
-            raise ConfigError(f"--stage {stage!r} is not a stage of this config: use one of {names}.")
     else:
         chosen = [p for p in plans if p.stage.steps > 0]
     rows = []
@@ -263,4 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_DOES_NOT_FIT if any(r["fits"] is False for r in rows) else 0
 
 
-__all__ = ["abstract_batch", "compile_run", "compile_stage", "custom_calls", "describe", "deviceless_setup", "main"]
+__all__ = [
+    "abstract_batch",
+    "compile_run",
+    "compile_stage",
+    "custom_calls",
+    "describe",
+    "deviceless_setup",
+    "main",
+    "only_stage",
+]
