@@ -6,12 +6,16 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1
 DEVICES ?= 8
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(DEVICES)
 export JAX_PLATFORMS ?= cpu
+export TPU_SKIP_MDS_QUERY ?= 1
 
 .PHONY: demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# libtpu at the version the installed jax needs (an extra cannot read it): the tests compile
+	# the train step for TPU slices on this CPU host (`python -m sharding compile`).
+	$(BIN)/pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -6,12 +6,19 @@
 Prints the plan table and whether it fits; with a ``sequence`` axis > 1 also each ring hop's
 compute time against its K/V transfer time (`sharding.comm`: ``--device-type``/``--kernel-tflops``,
 ``--link``/``--link-gbps``). Exits 0 either way, 2 on bad flags.
+
+``python -m sharding compile --config RUN.yaml --topology v5p-128`` compiles a run's real train step
+for a TPU slice (or lowers it for a GPU node) and sets XLA's per-device bytes beside this planner's.
+Building that step needs the run-config loader and the train step, which live in ``train``, a layer
+above this package; so the command runs ``python -m train compile`` (`train.compile`) as a child
+process with the same arguments, and the import graph stays one-way.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 
 import model
@@ -41,6 +48,11 @@ def parse_bytes(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharding", description="ringllama sharding tools")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "compile",
+        add_help=False,
+        help="compile a run's train step for a TPU slice / lower it for a GPU (python -m train compile --help)",
+    )
     plan = sub.add_parser("plan", help="per-device memory of one training step")
     plan.add_argument("--preset", default="llama3-8b", help="model preset (model.PRESETS), default llama3-8b")
     plan.add_argument("--config", help="a Hugging Face config.json (or model dir) instead of --preset")
@@ -148,7 +160,15 @@ def run_plan(args) -> int:
     return 0
 
 
+def run_compile(argv: list[str]) -> int:
+    """``compile``: hand the arguments to ``python -m train compile`` (see the module docstring)."""
+    return subprocess.call([sys.executable, "-m", "train", "compile", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"]:
+        return run_compile(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "plan":
         return run_plan(args)

@@ -13,7 +13,11 @@ table that shards the real arrays (`sharding.rules`), so the plan follows the me
   ``dots`` keeps the matmul outputs (``3d + nh + 2kh + 2f``) and the dense attention scores;
   ``dots_with_no_batch_dims`` the same without the attention scores;
 - **layer working set**: the backward of one layer: the recomputed activations (under remat)
-  plus their cotangents; FSDP all-gathers of one layer's weights (this one and the next);
+  plus their cotangents; FSDP all-gathers of one layer's weights (this one and the next); with a
+  compute dtype narrower than the params, the scanned layers' weights cast once, all layers at
+  once (XLA hoists the cast out of the layer loop); under FSDP the full weight gradients of the
+  embedding and head before their reduce-scatter, and the untied embedding's gathered copy
+  (found in the TPU compiler's buffer assignment, ``python -m sharding compile``);
 - **attention**: the implementation's working set: dense ``[t, s]`` fp32 scores for
   ``reference``/``xla``; chunk tiles, chunk-major input copies and fp32 accumulators for ``blockwise``; for ``ring``
   also the K/V block in flight and the fp32 dK/dV travelling with it in the backward;
@@ -141,21 +145,24 @@ def _leaves(params) -> list[tuple[tuple[str, ...], tuple, tuple[int, ...]]]:
     ]
 
 
-def _param_counts(params, config, sizes: dict[str, int]) -> tuple[int, int, int]:
-    """(local params, one layer's params gathered over fsdp, gathered embedding/head) in elements."""
+def _param_counts(params, config, sizes: dict[str, int]) -> tuple[int, int, int, int]:
+    """(local params, one layer's params gathered over fsdp, gathered embedding/head, local scanned-layer
+    params) in elements."""
     no_fsdp = dict(sizes, fsdp=1)
-    local = layer = head = 0
+    local = layer = head = scanned = 0
     for keys, n, shape in _leaves(params):
-        local += math.prod(local_shape(n, shape, PARAM_RULES, sizes))
+        here = math.prod(local_shape(n, shape, PARAM_RULES, sizes))
+        local += here
         gathered = math.prod(local_shape(n, shape, PARAM_RULES, no_fsdp))
         top = keys[0]
         if top == "layers":
             layer += gathered // config.num_layers
+            scanned += here
         elif top.startswith("layers_"):
             layer += gathered if top == "layers_0" else 0
         elif top in ("embed_tokens", "lm_head"):
             head = max(head, gathered)
-    return local, layer, head
+    return local, layer, head, scanned
 
 
 def _lora_counts(params, config, sizes: dict[str, int], lora) -> tuple[int, int, int, int]:
@@ -247,7 +254,7 @@ def plan_memory(
     d, h, L = config.hidden_size, config.head_dim, config.num_layers
     tokens = b * t
 
-    local, layer_gathered, head_gathered = _param_counts(params, config, sizes)
+    local, layer_gathered, head_gathered, scanned_local = _param_counts(params, config, sizes)
     param_bytes = local * W
     grads = local * W
     optimizer = 2 * local * moment_bytes
@@ -289,6 +296,17 @@ def plan_memory(
         gathers = 2 * layer_gathered * A + layer_grads * W
     if sizes["fsdp"] > 1:
         notes.append("FSDP all-gathers one layer's weights at a time (and prefetches the next).")
+    if A != W and lora is None:
+        # XLA (TPU) hoists the compute-dtype cast of the scanned layers' stacked weights out of the layer
+        # loop: a copy of every local layer weight in the compute dtype lives through the step.
+        gathers += scanned_local * A
+    if sizes["fsdp"] > 1 or A != W:
+        # Beside the head the loss gathers (under logits): the embedding's gathered copy when untied, and the
+        # full weight gradients of embedding and head (param dtype) before their reduce-scatter.
+        heads = 1 if config.tie_word_embeddings else 2
+        gathers += (heads - 1) * head_gathered * A
+        if sizes["fsdp"] > 1 and (lora is None or lora.train_embeddings):
+            gathers += heads * head_gathered * W
     layer_working = recompute + cotangents + gathers
 
     if impl in ("reference", "xla"):

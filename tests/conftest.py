@@ -1,4 +1,4 @@
-"""Test setup: an emulated 8-device CPU mesh and fp32-exact matmuls.
+"""Test setup: an emulated 8-device CPU mesh, the CPU backend only (libtpu is installed) and fp32-exact matmuls.
 
 ``XLA_FLAGS`` must be set before jax is first imported, so it happens here at import time.
 """
@@ -7,6 +7,9 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu is installed for the deviceless TPU compiles (tests/test_sharding_compile.py): it must never
+# look for a TPU or the GCE metadata server on a CPU host.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

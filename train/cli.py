@@ -5,6 +5,7 @@
     python -m train --config configs/demo.yaml --run-dir runs/demo --resume
     python -m train --config configs/llama3-8b-1m.yaml --init-from Meta-Llama-3-8B-hf \\
         --coordinator 10.0.0.1:1234 --num-processes 64 --process-id $RANK
+    python -m train compile --config configs/llama3-8b-1m.yaml --topology v5p-128   # see train.compile
 
 Exit status: 0 done (or stopped by --stop-after), 2 bad input (config, data, checkpoint, a run
 that will not fit — reported before anything compiles), 1 training failure (non-finite loss).
@@ -23,6 +24,7 @@ from model.config import ConfigError
 from sharding.distributed import DistributedError, initialize_distributed
 from sharding.mesh import MeshError
 from text.tokenizer import TokenizerError
+from train import compile as compile_cmd
 from train.checkpoint import CheckpointError
 from train.config import config_help, load_config
 from train.curriculum import run
@@ -71,6 +73,9 @@ def _emulate_cpu_devices(n: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"]:
+        return compile_cmd.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         _emulate_cpu_devices(args.cpu_devices)

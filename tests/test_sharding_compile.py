@@ -1,0 +1,94 @@
+"""``python -m sharding compile`` / ``python -m train compile``: a run's train step compiled for a TPU slice.
+
+The TPU compiles are deviceless (libtpu's compiler with abstract v5p devices; `make test` installs
+libtpu) and the CUDA one is an export, so nothing here needs an accelerator.
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+from sharding import topology
+from train import compile as compile_cmd
+
+# A model with TPU-shaped dims (head_dim 128, hidden a multiple of 128): the tiny preset's
+# 16-wide heads would be padded to 128 lanes and say nothing about the planner.
+RUN = """
+model: {preset: tiny, hidden_size: 256, intermediate_size: 512, num_heads: 2, num_kv_heads: 1, head_dim: 128,
+        dtype: bfloat16, remat_policy: full, attention_chunk: 32, attention_kernel: jnp}
+mesh: {data: 1, fsdp: 1, tensor: 1, sequence: 4}
+stages:
+  - {name: short, seq_len: 256, steps: 1, batch_size: 2}
+loss_chunk: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.fail('libtpu is not installed: `make test` installs it (pip install "jax[tpu]==<your jax version>").')
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN)
+    return str(path)
+
+
+def test_compiles_the_train_step_for_v5p(libtpu, run_config, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads(out.read_text())
+    assert row["stage"] == "short" and row["topology"] == "v5p-8" and row["devices"] == 4
+    assert row["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4}
+    assert row["attention_impl"] == "ring" and row["kernel"] == "jnp"
+    assert row["xla_bytes_per_device"] > 0 and row["planner_bytes_per_device"] > 0
+    assert 0.5 < row["planner_bytes_per_device"] / row["xla_bytes_per_device"] < 2.0
+    assert row["fits"] is True and row["hbm_bytes"] == 95 * 2**30
+    assert row["compile_s"] > 0
+    printed = capsys.readouterr().out
+    assert "planner / XLA" in printed and "fits" in printed
+
+
+def test_a_stage_that_does_not_compile_exits_1(libtpu, run_config, tmp_path, capsys):
+    # The Pallas kernel's blocks do not meet Mosaic's (8, 128) tiling at these shapes: reported, not raised.
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--set", "model.attention_kernel=auto"])
+    assert code == 1
+    assert "DOES NOT COMPILE" in capsys.readouterr().out
+
+
+def test_bad_topology_exits_2_with_one_sentence_and_no_json(run_config, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert compile_cmd.main(["--config", run_config, "--topology", "v5q-8", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown topology 'v5q-8'") and "v5p-128" in err and err.count("\n") == 0
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "run.yaml"]
+
+
+def test_a_mesh_the_slice_cannot_hold_exits_2(libtpu, run_config, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-16", "--json", str(out)])
+    assert code == 2
+    assert "needs 4 devices but 8 are available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_h100_lowers_for_cuda_and_lists_the_kernels(run_config, tmp_path):
+    out = tmp_path / "rows.json"
+    code = compile_cmd.main(["--config", run_config, "--topology", "h100", "--set", "model.attention_kernel=auto",
+                             "--json", str(out)])  # fmt: skip
+    assert code == 0
+    (row,) = json.loads(out.read_text())
+    assert row["platform"] == "gpu" and row["kernel"] == "mosaic_gpu" and row["xla_bytes_per_device"] is None
+    assert sum(row["custom_calls"].values()) > 0  # the Pallas attention kernels, lowered for the GPU
+
+
+def test_topology_table():
+    assert topology.target("v5p-8").chips == 4 and topology.target("v5p-1024").chips == 512
+    assert topology.target("v5e-8").chips == 8 and topology.target("v6e-256").hbm_bytes == 32 * 2**30
+    assert topology.target("H100").compute_capability == 9.0
+    with pytest.raises(topology.TopologyError, match="unknown topology"):
+        topology.target("tpu-9000")
