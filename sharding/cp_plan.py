@@ -267,17 +267,19 @@ def device_links(device) -> Links:
     return LINKS["tpu-v5p" if "tpu" in kind else "h100"]
 
 
-def resolve_context_parallel(cfg, seq_len: int, batch: int, mesh, remat: bool | None = None):
+def resolve_context_parallel(cfg, seq_len: int, batch: int, mesh, remat: bool | None = None, links=None):
     """``(cfg, reason)``: ``context_parallel: auto`` replaced by `recommend`'s pick for this mesh.
 
     A training run calls this per stage, so ``auto`` means the planner's choice for the stage's
-    length, batch, mesh and device type (the mesh's first device). Other values pass through.
+    length, batch, mesh and device type (``links``, default: the mesh's first device's). Other
+    values pass through.
     """
     sizes = dict(mesh.shape)
     if cfg.context_parallel != "auto" or sizes.get("sequence", 1) <= 1:
         return cfg, ""
     remat = cfg.remat_policy != "none" if remat is None else remat
-    plans = model_strategies(cfg, seq_len, batch, sizes, device_links(mesh.devices.flat[0]), remat=remat)
+    links = device_links(mesh.devices.flat[0]) if links is None else links
+    plans = model_strategies(cfg, seq_len, batch, sizes, links, remat=remat)
     choice, why = recommend(plans)
     return cfg.replace(context_parallel=choice), why
 

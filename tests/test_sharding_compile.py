@@ -39,7 +39,8 @@ def run_config(tmp_path):
 
 def test_compiles_the_train_step_for_v5p(libtpu, run_config, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--json", str(out)])
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--json", str(out), "--set",
+                             "model.context_parallel=ring"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     (row,) = json.loads(out.read_text())
     assert row["stage"] == "short" and row["topology"] == "v5p-8" and row["devices"] == 4
@@ -53,9 +54,22 @@ def test_compiles_the_train_step_for_v5p(libtpu, run_config, tmp_path, capsys):
     assert "planner / XLA" in printed and "fits" in printed
 
 
+def test_the_mosaic_tpu_kernels_compile_in_every_strategy(libtpu, run_config, tmp_path, capsys):
+    """kernel auto picks the Mosaic TPU Pallas kernels for the target (not the CPU host), and each
+    context-parallel strategy's train step compiles with them."""
+    for strategy in ("ring", "allgather", "hybrid"):  # 2 query heads: Ulysses needs hybrid's group of 2
+        out = tmp_path / f"{strategy}.json"
+        code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--json", str(out), "--set",
+                                 "model.attention_kernel=auto", "--set", f"model.context_parallel={strategy}",
+                                 "--set", "model.ulysses_size=2"])  # fmt: skip
+        assert code == 0, capsys.readouterr()
+        (row,) = json.loads(out.read_text())
+        assert row["attention_impl"] == strategy and row["kernel"] == "mosaic_tpu" and row["fits"] is True
+
+
 def test_a_stage_that_does_not_compile_exits_1(libtpu, run_config, tmp_path, capsys):
-    # The Pallas kernel's blocks do not meet Mosaic's (8, 128) tiling at these shapes: reported, not raised.
-    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--set", "model.attention_kernel=auto"])
+    # The Triton-layout Pallas kernel cannot lower for TPU: reported as a result row, not raised.
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--set", "model.attention_kernel=triton"])
     assert code == 1
     assert "DOES NOT COMPILE" in capsys.readouterr().out
 
@@ -83,7 +97,8 @@ def test_h100_lowers_for_cuda_and_lists_the_kernels(run_config, tmp_path):
     assert code == 0
     (row,) = json.loads(out.read_text())
     assert row["platform"] == "gpu" and row["kernel"] == "mosaic_gpu" and row["xla_bytes_per_device"] is None
-    assert sum(row["custom_calls"].values()) > 0  # the Pallas attention kernels, lowered for the GPU
+    assert row["custom_calls"].get("mosaic_gpu_v2", 0) >= 3  # forward, dq and dk/dv, lowered by Mosaic GPU
+    assert "__gpu$xla.gpu.triton" not in row["custom_calls"]
 
 
 def test_topology_table():

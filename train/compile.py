@@ -44,6 +44,7 @@ from attention import choose_impl, choose_kernel, compile_target
 from convert.atomic import atomic_file
 from model.config import ConfigError
 from model.params import abstract_params
+from sharding.cp_plan import LINKS, resolve_context_parallel
 from sharding.mesh import AXES, MeshConfig, MeshError
 from sharding.planner import PlanError, plan_memory
 from sharding.rules import batch_sharding
@@ -110,12 +111,14 @@ def custom_calls(mlir_text: str) -> dict[str, int]:
 def compile_stage(cfg: TrainConfig, plan: StagePlan, tgt: TpuTopology | GpuTarget, devices) -> dict:
     """Compile (TPU) or lower (GPU) stage ``plan``'s train step; one result row (see the module docstring)."""
     mesh = jax.make_mesh(plan.mesh_shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-    m = plan.model
     s = plan.stage
+    tpu = isinstance(tgt, TpuTopology)
+    # context_parallel: auto → the planner's pick for the target (not the host's CPU devices).
+    links = None if tpu else LINKS[tgt.name if tgt.name in LINKS else "h100"]
+    m, _ = resolve_context_parallel(plan.model, s.seq_len, s.batch_size, mesh, links=links)
     engine = build_engine(m, plan.optim, mesh, total_steps=max(s.steps, 1), loss_chunk=cfg.loss_chunk, lora=cfg.lora)
     batch = abstract_batch(mesh, s.batch_size, s.seq_len)
     fn = engine.train_step.jitted(batch)
-    tpu = isinstance(tgt, TpuTopology)
     platform = "tpu" if tpu else "gpu"
     cc = None if tpu else tgt.compute_capability
     q = jax.ShapeDtypeStruct((s.batch_size, s.seq_len, m.num_heads, m.head_dim), jnp.dtype(m.dtype))
@@ -135,8 +138,11 @@ def compile_stage(cfg: TrainConfig, plan: StagePlan, tgt: TpuTopology | GpuTarge
     start = time.perf_counter()
     with compile_target(platform, compute_capability=cc):
         impl = m.attention_impl if m.attention_impl != "auto" else choose_impl(q, k, mesh, platform=platform)
+        if impl == "ring" and m.attention_impl == "auto":  # the model refines auto on a sequence-sharded mesh
+            impl = m.context_parallel if m.context_parallel != "auto" else impl
         row["attention_impl"] = impl
-        row["kernel"] = choose_kernel(m.attention_kernel, head_dim=m.head_dim) if impl in ("blockwise", "ring") else "-"
+        fused = impl not in ("reference", "xla")
+        row["kernel"] = choose_kernel(m.attention_kernel, head_dim=m.head_dim, dtype=q.dtype) if fused else "-"
         try:
             if tpu:
                 compiled = fn.lower(engine.abstract, batch).compile()
