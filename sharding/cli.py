@@ -17,6 +17,7 @@ process with the same arguments, and the import graph stays one-way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import model
 from model.config import ConfigError
 from model.lora import LoraConfig
 from sharding.comm import KERNEL_TFLOPS, LINK_GBYTES, CommError, model_overlap_plan, resolve_rates
+from sharding.cp_plan import LINKS, model_strategies, recommend, strategy_table
 from sharding.mesh import AXES, MeshConfig, MeshError
 from sharding.planner import REMATS, PlanError, plan_memory
 from sharding.sizes import SizeError, has_unit, parse_size
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "--link", default="nvlink4", help=f"sequence-axis link ({', '.join(LINK_GBYTES)}), default nvlink4"
     )
     plan.add_argument("--link-gbps", type=float, help="one-way sequence-axis link GB/s (overrides --link)")
+    plan.add_argument("--ulysses-size", type=int, help="hybrid's Ulysses group (default: up to 8 that divides)")
     return p
 
 
@@ -145,6 +148,7 @@ def run_plan(args) -> int:
         sizes = dict(zip(AXES, mesh.resolve(args.devices or math.prod(s for s in known if s > 0)), strict=True))
         tflops, gbytes = resolve_rates(args.device_type, args.kernel_tflops, args.link, args.link_gbps)
         overlap = model_overlap_plan(cfg, args.seq_len, args.batch, sizes, tflops, gbytes)
+        strategies = _strategies(args, cfg, sizes, plan, device_bytes)
     except (UsageError, MeshError, PlanError, ConfigError, CommError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +161,30 @@ def run_plan(args) -> int:
         if args.kernel_tflops is None:
             print(f"(kernel TFLOP/s for {args.device_type} is an assumed table value: pass a measured --kernel-tflops)")
         print(overlap.table())
+    if strategies:
+        print(strategies)
     return 0
+
+
+def _strategies(args, cfg, sizes: dict[str, int], plan, device_bytes: int | None) -> str:
+    """Each context-parallel strategy's costs and the recommendation (`sharding.cp_plan`), or ''."""
+    if sizes.get("sequence", 1) <= 1:
+        return ""
+    if args.ulysses_size is not None and args.ulysses_size < 1:
+        raise UsageError(f"--ulysses-size must be positive, got {args.ulysses_size}.")
+    key = args.device_type if args.device_type in LINKS else "h100"
+    links = LINKS[key]
+    if args.kernel_tflops is not None:
+        links = dataclasses.replace(links, kernel_tflops=args.kernel_tflops)
+    if args.link_gbps is not None:
+        links = dataclasses.replace(links, fast_gbytes=args.link_gbps)
+    cfg = cfg.replace(ulysses_size=args.ulysses_size or 0)
+    plans = model_strategies(cfg, args.seq_len, args.batch, sizes, links, remat=args.remat != "none")
+    headroom = None
+    if device_bytes is not None:  # the plan above already holds the ring's buffers
+        ring = next(p for p in plans if p.strategy == "ring")
+        headroom = device_bytes - plan.total + ring.extra_bytes
+    return strategy_table(plans, recommend(plans, headroom))
 
 
 def run_compile(argv: list[str]) -> int:
