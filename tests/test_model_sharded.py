@@ -4,6 +4,8 @@ Logits and every parameter gradient of a cross-entropy loss, fp32, within 1e-4: 
 token order, in the zigzag ring layout (tokens, positions, segment ids and targets permuted
 with `attention.layout`, logits brought back), and with packed documents crossing shards.
 One compiled function per side serves every case (positions and segment ids are always passed).
+The same holds for every context-parallel strategy chosen by ``context_parallel`` (ring,
+allgather, ulysses, hybrid 2 × 2), on packed documents in the zigzag layout.
 """
 
 import functools
@@ -15,6 +17,8 @@ import pytest
 
 import model
 from attention import layout
+from attention import strategies as attention_strategies
+from model.config import ConfigError
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import axis_rules, batch_sharding, param_shardings, replicated
 
@@ -113,3 +117,59 @@ def test_layout_needs_its_positions(setup):
     moved = layout.to_layout_tree((tokens, segments, targets), RING, "zigzag")
     (_, logits), _ = ring_fn(sharded, moved[0], positions, moved[1], moved[2])
     assert _max_diff(layout.from_layout(logits, RING, "zigzag"), ref_logits) > 1e-2
+
+
+# Every context-parallel strategy through the model: attention_impl "auto" on the sequence-sharded mesh
+# takes `context_parallel`. Tiny has 4 query / 2 kv heads: Ulysses over the 4 sequence shards replicates
+# the kv heads to 4, hybrid runs 2 groups × 2.
+STRATEGIES = [("ring", 0), ("allgather", 0), ("ulysses", 0), ("hybrid", 2)]
+
+
+@pytest.mark.parametrize(("strategy", "ulysses_size"), STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_context_parallel_strategy_matches_reference(setup, strategy, ulysses_size, monkeypatch):
+    mesh, host, ref_fn, _, sharded = setup
+    cfg = CFG.replace(context_parallel=strategy, ulysses_size=ulysses_size)
+    assert cfg.attention_impl == "auto"
+    used = []
+    real = attention_strategies.context_parallel_shard
+    monkeypatch.setattr(
+        attention_strategies,
+        "context_parallel_shard",
+        lambda *a, **kw: used.append((kw["strategy"], kw["ulysses_size"])) or real(*a, **kw),
+    )
+    p_sh = param_shardings(model.abstract_params(CFG), mesh)
+    tok_sh = batch_sharding(mesh, (B, T))
+    fn = jax.jit(
+        axis_rules(mesh)(_fwd_bwd(model.Llama(cfg, mesh=mesh))),
+        in_shardings=(p_sh, tok_sh, tok_sh, tok_sh, tok_sh),
+        out_shardings=((replicated(mesh), tok_sh), p_sh),
+    )
+    tokens, positions, segments, targets = _inputs(packed=True)
+    (ref_loss, ref_logits), ref_grads = ref_fn(host, tokens, positions, segments, targets)
+    moved = layout.to_layout_tree((tokens, positions, segments, targets), RING, "zigzag")
+    (loss, logits), grads = fn(sharded, *moved)
+    assert used and set(used) == {(strategy, ulysses_size or None)}  # the model really ran this strategy
+    assert abs(float(loss) - float(ref_loss)) <= TOL
+    assert _max_diff(layout.from_layout(logits, RING, "zigzag"), ref_logits) <= TOL
+    assert _max_diff(grads, ref_grads) <= TOL
+
+
+def test_unknown_context_parallel_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown context_parallel 'bogus'"):
+        model.preset("tiny", context_parallel="bogus")
+    with pytest.raises(ConfigError, match="ulysses_size must be 0"):
+        model.preset("tiny", ulysses_size=-1)
+
+
+def test_scanned_model_takes_default_positions():
+    """Default positions in one document (the cuDNN-eligible form) through the scanned layers equal explicit
+    arange positions (the scan carries the layer context, so nothing in it may be a Python bool)."""
+    cfg = CFG.replace(attention_impl="reference")
+    assert cfg.scan_layers
+    net = model.Llama(cfg)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    plain, explicit = jax.jit(
+        lambda p, t, pos: (net.apply({"params": p}, t), net.apply({"params": p}, t, positions=pos))
+    )(_random_params(cfg), tokens, positions)
+    assert _max_diff(plain, explicit) <= 1e-6
