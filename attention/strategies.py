@@ -47,7 +47,7 @@ def ulysses_heads(n: int, kh: int, group: int) -> int:
     """KV heads after replicating them as far as a Ulysses group of ``group`` devices needs.
 
     Each device takes ``n / group`` query heads, which must cover whole GQA groups of the
-    (replicated) kv heads: the fewest copies ``r`` with ``group | kh·r`` and ``kh·r | n``.
+    (replicated) kv heads: the fewest copies ``r`` with ``group | kh·r`` (then ``kh·r | n``).
     Raises `RingError` when the query heads do not divide over the group.
     """
     if n % group:
@@ -55,9 +55,7 @@ def ulysses_heads(n: int, kh: int, group: int) -> int:
             f"Ulysses over {group} devices needs the query heads ({n}) divisible by {group}: use hybrid with a "
             "smaller ulysses_size, or the ring."
         )
-    kv = math.lcm(kh, group)
-    if n % kv:
-        raise RingError(f"Ulysses over {group} devices cannot split {n} query / {kh} kv heads into whole GQA groups.")
+    kv = math.lcm(kh, group)  # divides n: both kh and group do
     return kv
 
 
