@@ -14,16 +14,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attention.kernels import current_target
+
 # cuDNN's flash attention (through jax.nn.dot_product_attention) takes half-precision inputs with
 # head sizes that are multiples of 8 up to 128 (256 on newer releases; 128 is safe everywhere).
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def cudnn_supported(q: jax.Array, platform: str | None = None) -> bool:
-    """Whether ``implementation="cudnn"`` takes these queries on ``platform`` (default: the default backend)."""
+    """Whether ``implementation="cudnn"`` takes these queries on ``platform`` (default: the compile target)."""
     head_dim = q.shape[-1]
     return (
-        (platform or jax.default_backend()) == "gpu"
+        (platform or current_target().platform) == "gpu"
         and q.dtype in _CUDNN_DTYPES
         and head_dim % 8 == 0
         and head_dim <= 128

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+import model
 from attention import Target, choose_kernel, compile_target
 from attention.cudnn_hop import cudnn_forward
 from attention.kernels import AttentionError
@@ -141,3 +142,22 @@ def test_cudnn_hop_lowers_with_fp32_lse(cudnn_version, causal):
     out, lse = exported.out_avals
     assert (out.shape, out.dtype) == ((2, 256, 8, 64), jnp.bfloat16)
     assert (lse.shape, lse.dtype) == ((2, 256, 8), jnp.float32)  # not the public API's bf16 residual
+
+
+def test_the_model_reaches_cudnn_for_default_positions(cudnn_version):
+    """Token ids alone (default positions, one document): the model's attention is cuDNN's flash
+    kernel on an H100, forward and backward. With packed documents (segment ids) cuDNN cannot take
+    the mask, and the fused local kernel (Mosaic GPU, bf16) runs instead."""
+    cfg = model.preset("tiny", head_dim=64, num_heads=4, num_kv_heads=2, hidden_size=256, dtype="bfloat16",
+                       attention_chunk=64)  # fmt: skip
+    llama = model.Llama(cfg)
+    params = jax.eval_shape(lambda: llama.init(jax.random.key(0), jnp.zeros((1, 128), jnp.int32))["params"])
+    tokens = S((2, 128), jnp.int32)
+
+    def loss(p, tokens, segments=None):
+        return jnp.sum(llama.apply({"params": p}, tokens, segment_ids=segments).astype(jnp.float32))
+
+    plain = _custom_calls(jax.grad(loss), params, tokens, cc=9.0)
+    assert CUDNN_FWD in plain and CUDNN_BWD in plain and MOSAIC_GPU not in plain
+    packed = _custom_calls(jax.grad(loss), params, tokens, tokens, cc=9.0)
+    assert CUDNN_FWD not in packed and packed.count(MOSAIC_GPU) >= 3  # forward, dq, dk/dv per layer scan

@@ -17,9 +17,11 @@ from jax.sharding import PartitionSpec as P
 
 import model
 from attention import Target, attention, choose_kernel, compile_target, current_target, instrument
+from attention import driver as driver_module
 from attention.api import AttentionError
 from attention.blockwise import blockwise_attention
 from attention.layout import from_layout, to_layout
+from attention.local_kernels import KernelSpec, get_kernel, pad_halves
 from attention.masks import make_mask
 from attention.merge import merge_partials
 from attention.pallas_flash import pallas_backward, pallas_forward
@@ -298,3 +300,34 @@ def test_blockwise_attention_kernel_argument():
     out_j, lse_j = blockwise_attention(q, k, v, chunk_size=8, kernel="jnp")
     np.testing.assert_allclose(out_p, out_j, atol=1e-5)
     np.testing.assert_allclose(lse_p, lse_j, atol=1e-5)
+
+
+def test_pallas_ring_tiles_stay_whole_at_1000_tokens_per_device(monkeypatch):
+    """1,000 tokens per device (zigzag halves of 500): each half is padded to 512 and cut into 128-token
+    tiles (before, the tile was the largest power of two dividing 500: 4), and the ring stays exact."""
+    assert get_kernel("triton").tile(KernelSpec(True, SCALE, chunk=512), 500) == 128
+    pads = []
+
+    def spy(x, tile, value, edge=False):
+        out = pad_halves(x, tile, value, edge)
+        pads.append((x.shape[1], out.shape[1], tile))
+        return out
+
+    monkeypatch.setattr(driver_module, "pad_halves", spy)
+    ring, t = 2, 2000
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, sequence=ring), devices=jax.devices()[:ring])
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, t, n, H), np.float32) for n in (2, 1, 1))
+    pos = to_layout(np.arange(t, dtype=np.int32)[None], ring, "zigzag")
+    q, k, v = (to_layout(x, ring, "zigzag") for x in (q, k, v))
+    fn = lambda q, k, v: attention(q, k, v, impl="ring", mesh=mesh, q_positions=pos, kv_positions=pos,  # noqa: E731
+                                   kernel="triton", chunk_size=512, scale=SCALE)  # fmt: skip
+    d_out = rng.standard_normal(q.shape, np.float32)
+    got_out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    got = vjp(d_out)
+    mask = make_mask(pos, pos)
+    want_out, want_vjp = jax.vjp(lambda *x: reference_attention(*x, mask, SCALE)[0], q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    for g, w in zip(got, want_vjp(d_out), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4)
+    assert (1000, 1024, 128) in pads  # every local block: two halves of 500 → 512, tile 128
