@@ -7,7 +7,8 @@ Parts, all on one device, printed as one table and written to ``DIR/gpu_benchmar
 
 (a) attention forward+backward, bf16, causal, 32 query / 8 kv heads, head_dim 128, at 8K/16K/32K:
     cuDNN flash (``jax.nn.dot_product_attention(implementation="cudnn")``) against ringllama
-    blockwise with each local kernel (``jnp``, ``pallas``) and ring attention on a 1-device ring.
+    blockwise with each local kernel (``jnp``, ``pallas`` = Mosaic GPU on Hopper, ``triton``) and ring
+    attention on a 1-device ring.
     TFLOP/s count causal FLOPs (half the dense ``4·t²·n·h``) × 3.5 for forward + backward
     (the backward's 5 matmuls to the forward's 2). Target: within 10% of cuDNN.
 (b) Llama-3.2-1B shapes, random weights, one train step at 8K, bf16 compute, fp32 master weights,
@@ -81,7 +82,9 @@ def attention_variants(on_gpu: bool):
 
     variants = {
         "blockwise/jnp": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="jnp"),
+        # pallas: the target's Pallas kernel (Mosaic GPU on Hopper); triton: the pre-Hopper kernel beside it.
         "blockwise/pallas": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="pallas"),
+        "blockwise/triton": lambda q, k, v: attention(q, k, v, impl="blockwise", kernel="triton"),
         "ring1/jnp": axis_rules(ring_mesh)(
             lambda q, k, v: attention(q, k, v, impl="ring", mesh=ring_mesh, kernel="jnp")
         ),
