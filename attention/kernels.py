@@ -15,7 +15,8 @@ device's compute capability)::
 **Kernels** (``kernel=``): ``jnp`` (chunk loops in plain JAX, any platform), ``mosaic_tpu``
 (Pallas on TPU), ``mosaic_gpu`` (Pallas on Hopper and newer GPUs), ``triton`` (Pallas's Triton
 backend: older GPUs, and the kernel the CPU interprets for ``pallas``), or the aliases ``pallas``
-(the Pallas kernel of the target) and ``auto`` (`choose_kernel`).
+(the Pallas kernel of the target) and ``auto`` (`choose_kernel`). ``cudnn`` (ring hops' forward on
+cuDNN where its masks are exact, `attention.cudnn_kernel`; bf16/f16 on GPU) is opt-in only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("auto", "jnp", "pallas", "mosaic_tpu", "mosaic_gpu", "triton")
+KERNELS = ("auto", "jnp", "pallas", "mosaic_tpu", "mosaic_gpu", "triton", "cudnn")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 

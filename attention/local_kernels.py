@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attention import instrument
+from attention import cudnn_kernel, instrument
 from attention.flash import (
     ChunkConfig,
     finalize,
@@ -224,6 +224,7 @@ KERNEL_TABLE: dict[str, LocalKernel] = {
     "triton": LocalKernel("triton", _triton_forward, _triton_backward, _triton_tile, checks_vma=False),
     "mosaic_tpu": LocalKernel("mosaic_tpu", _tpu_forward, _tpu_backward, _tpu_tile, checks_vma=False),
     "mosaic_gpu": LocalKernel("mosaic_gpu", _mgpu_forward, _mgpu_backward, lambda spec, n: MGPU_TILE, checks_vma=False),
+    "cudnn": LocalKernel("cudnn", cudnn_kernel.forward, cudnn_kernel.backward, cudnn_kernel.tile, checks_vma=False),
 }
 
 

@@ -29,6 +29,7 @@ ATTENTION_KERNELS = (
     "mosaic_tpu",
     "mosaic_gpu",
     "triton",
+    "cudnn",
 )  # local kernel of blockwise/ring (attention.choose_kernel)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
