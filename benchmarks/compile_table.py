@@ -11,8 +11,10 @@ first slice the compiler says fits ends the search. Results go to
 ``benchmarks/results/compile_table.json`` and a Markdown table is printed; ``--replan`` recomputes
 only the planner column from the stored XLA numbers (after a planner change, no recompiles).
 
-The Pallas attention kernels do not yet meet Mosaic's TPU tiling, so the table compiles the jnp kernel
-(``model.attention_kernel=jnp``).
+Each row compiles what a user gets: the attention kernel ``auto`` (on TPU the Mosaic Pallas kernels,
+``mosaic_tpu``) and ``context_parallel: auto`` (the strategy `sharding.cp_plan` recommends for v5p's
+links; the planner column plans that strategy). When the auto kernel does not compile the error is
+kept as a row and the slice is compiled again with ``model.attention_kernel=jnp`` (``fallback`` says so).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import pathlib
 
 from model.params import abstract_params
+from sharding.cp_plan import LINKS, model_strategies, recommend
 from sharding.planner import plan_memory
 from sharding.topology import TOPOLOGIES
 from train.compile import compile_run, deviceless_setup, only_stage
@@ -37,16 +40,19 @@ BAND = 1.10
 GiB = 1024**3
 
 
-def _overrides(index: int, fsdp: int, sequence: int) -> list[str]:
-    return [
-        "model.attention_kernel=jnp",
-        f"stages.{index}.mesh={{data: 1, fsdp: {fsdp}, tensor: 1, sequence: {sequence}}}",
-    ]
+def _overrides(index: int, fsdp: int, sequence: int, kernel: str | None = None) -> list[str]:
+    mesh = [f"stages.{index}.mesh={{data: 1, fsdp: {fsdp}, tensor: 1, sequence: {sequence}}}"]
+    return mesh + ([f"model.attention_kernel={kernel}"] if kernel else [])
 
 
-def _plan(cfg, name: str, devices: int, fsdp: int, sequence: int):
+def _plan(cfg, name: str, devices: int, fsdp: int, sequence: int, strategy: str | None = None):
     (plan,) = [p for p in validate(only_stage(cfg, name), devices) if p.name == name]
     m, s = plan.model, plan.stage
+    if sequence > 1 and m.context_parallel == "auto":
+        # What the compile resolves auto to on a TPU slice (`sharding.cp_plan.resolve_context_parallel`).
+        sizes = dict(data=1, fsdp=fsdp, tensor=1, sequence=sequence)
+        strategy = strategy or recommend(model_strategies(m, s.seq_len, s.batch_size, sizes, LINKS["tpu-v5p"]))[0]
+        m = m.replace(context_parallel=strategy)
     return plan_memory(m, abstract_params(m, cfg.lora), s.seq_len, s.batch_size, dict(fsdp=fsdp, sequence=sequence),
                        m.remat_policy, loss_chunk=cfg.loss_chunk, lora=cfg.lora)  # fmt: skip
 
@@ -89,6 +95,11 @@ def run_row(key: str, say=print) -> list[dict]:
         (row,) = compile_run(cfg, slice_name, name, say=say)
         row["row"] = key
         tried.append(row)
+        if "error" in row and row["kernel"] != "jnp":  # the auto kernel does not compile: record it, use jnp
+            cfg = load_config(path, _overrides(index, fsdp, sequence, "jnp"))
+            (row,) = compile_run(cfg, slice_name, name, say=say)
+            row.update(row=key, fallback=f"kernel {tried[-1]['kernel']} does not compile: jnp")
+            tried.append(row)
         if row.get("fits"):
             break
     return tried
@@ -103,7 +114,8 @@ def replan(rows: list[dict]) -> None:
         index = [s.name for s in load_config(path).stages].index(name)
         mesh = row["mesh"]
         cfg = load_config(path, _overrides(index, mesh["fsdp"], mesh["sequence"]))
-        total = _plan(cfg, name, row["devices"], mesh["fsdp"], mesh["sequence"]).total
+        strategy = row["attention_impl"] if mesh["sequence"] > 1 else None
+        total = _plan(cfg, name, row["devices"], mesh["fsdp"], mesh["sequence"], strategy).total
         row["planner_bytes_per_device"] = int(total)
         row["planner_ratio"] = round(total / row["xla_bytes_per_device"], 4)
 
@@ -111,8 +123,8 @@ def replan(rows: list[dict]) -> None:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| config : stage | smallest v5p slice that fits | mesh | XLA GiB/device (arg + temp + out − alias) "
-        "| planner GiB | planner / XLA | within ±10% | kernel | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| planner GiB | planner / XLA | within ±10% | attention | kernel | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in dict.fromkeys(r["row"] for r in rows):
         mine = [r for r in rows if r["row"] == key]
@@ -121,21 +133,23 @@ def markdown(rows: list[dict]) -> str:
         for r in compiled:
             fits = r.get("fits")
             where = r["topology"] if fits else f"{r['topology']} (does not fit)"
+            mesh = f"fsdp={r['mesh']['fsdp']} × sequence={r['mesh']['sequence']}"
             if "error" in r:
-                lines.append(f"| {key} | {r['topology']}: does not compile ({r['error'][:80]}) | | | | | | | |")
+                lines.append(f"| {key} | {r['topology']}: **does not compile**: {r['error'][:100]} | {mesh} "
+                             f"| | | | | {r['attention_impl']} | {r['kernel']} | {r['compile_s']:.0f} |")  # fmt: skip
                 continue
             x = r["xla_bytes"]
             ratio = r["planner_ratio"]
             ok = "yes" if 0.9 <= ratio <= 1.1 else "**not met**"
-            mesh = f"fsdp={r['mesh']['fsdp']} × sequence={r['mesh']['sequence']}"
+            kernel = r["kernel"] + (" (fallback)" if r.get("fallback") else "")
             lines.append(
                 f"| {key} | {where} | {mesh} | {r['xla_bytes_per_device'] / GiB:.1f} ({x['argument'] / GiB:.1f} + "
                 f"{x['temp'] / GiB:.1f} + {x['output'] / GiB:.1f} − {x['alias'] / GiB:.1f}) "
-                f"| {r['planner_bytes_per_device'] / GiB:.1f} | {ratio:.2f} | {ok} | {r['kernel']} "
+                f"| {r['planner_bytes_per_device'] / GiB:.1f} | {ratio:.2f} | {ok} | {r['attention_impl']} | {kernel} "
                 f"| {r['compile_s']:.0f} |"
             )
         if skipped:
-            lines.append(f"| {key} | skipped (planner over HBM by > 10%): {', '.join(skipped)} | | | | | | | |")
+            lines.append(f"| {key} | skipped (planner over HBM by > 10%): {', '.join(skipped)} | | | | | | | | |")
     return "\n".join(lines)
 
 

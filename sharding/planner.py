@@ -19,10 +19,16 @@ table that shards the real arrays (`sharding.rules`), so the plan follows the me
   embedding and head before their reduce-scatter, and the untied embedding's gathered copy
   (found in the TPU compiler's buffer assignment, ``python -m sharding compile``);
 - **attention**: the implementation's working set: dense ``[t, s]`` fp32 scores for
-  ``reference``/``xla``; chunk tiles, chunk-major input copies and fp32 accumulators for ``blockwise``; for ``ring``
-  also the K/V block in flight and the fp32 dK/dV travelling with it in the backward;
-- **logits / loss**: fp32 logits of one loss chunk (the train loss is chunked over positions),
-  with their softmax and its gradient.
+  ``reference``/``xla``; chunk tiles, chunk-major input copies and fp32 accumulators for ``blockwise``;
+  on a sequence-sharded mesh also the context-parallel strategy's buffers (``context_parallel``:
+  ring, allgather, ulysses, hybrid), sized by `sharding.cp_plan.plan_strategies` (``kv_bytes`` +
+  ``a2a_bytes``): the ring's K/V blocks and fp32 dK/dV in flight, allgather's full K/V of a layer,
+  Ulysses' all-to-all buffers;
+- **logits / loss**: one fp32 copy of one loss chunk's logits (the train loss is chunked over
+  positions; softmax, gradient and cast fuse into the matmuls) and the gathered head. The loss's
+  backward runs before the layers' and XLA reuses the same memory for both, so only the part of it
+  above the layer phase (recompute + cotangents + attention) counts toward the total
+  (``MemoryPlan.loss_peak`` keeps the whole).
 - **LoRA** (``lora=``): the frozen base in ``lora.base_dtype``; gradients and AdamW moments only for
   the trainable leaves (adapters, plus embeddings/norms if trained); a layer's backward gathers the
   adapters with the base and produces only the trainable leaves' weight gradients; each adapted
@@ -39,7 +45,9 @@ from dataclasses import dataclass, field
 
 import jax
 
+from attention.strategies import STRATEGIES
 from model.lora import is_trainable
+from sharding.cp_plan import LINKS, model_strategies
 from sharding.mesh import AXES, MeshConfig
 from sharding.rules import ACTIVATION_RULES, PARAM_RULES, local_shape, param_names_and_shapes
 
@@ -65,6 +73,8 @@ class MemoryPlan:
     logits: int
     batch: int
     description: str = ""
+    loss_peak: int = 0
+    """The loss's own peak (one chunk's logits, the gathered head); ``logits`` is its part above the layer phase."""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     ROWS = (
@@ -186,11 +196,17 @@ def _lora_counts(params, config, sizes: dict[str, int], lora) -> tuple[int, int,
 
 
 def resolve_attention(config, seq_len: int, sizes: dict[str, int], attention: str | None) -> str:
-    """The attention implementation the step will run (``auto`` resolved like `attention.choose_impl`)."""
+    """The attention implementation the step will run (``auto`` resolved like `attention.choose_impl`).
+
+    On a sequence-sharded mesh ``auto`` is the config's ``context_parallel`` strategy (as the model
+    refines it); a ``context_parallel: auto`` still unresolved here (the compile and the trainer
+    resolve it per device type with `sharding.cp_plan.resolve_context_parallel`) is planned as the ring.
+    """
     impl = attention or config.attention_impl
     if impl == "auto":
         if sizes["sequence"] > 1:
-            return "ring"
+            cp = getattr(config, "context_parallel", "auto")
+            return "ring" if cp == "auto" else cp
         return "reference" if seq_len <= 1024 else "blockwise"
     return impl
 
@@ -232,10 +248,13 @@ def plan_memory(
         raise PlanError(f"seq_len and batch must be positive, got seq_len={seq_len}, batch={batch}.")
     sizes = mesh_sizes(mesh, num_devices)
     impl = resolve_attention(config, seq_len, sizes, attention)
-    if impl == "ring" and sizes["sequence"] == 1:
-        impl = "blockwise"  # a ring of one is blockwise attention
-    if impl != "ring" and sizes["sequence"] > 1:
-        raise PlanError(f"a sequence axis of {sizes['sequence']} needs ring attention, not {impl!r}.")
+    if impl in STRATEGIES and sizes["sequence"] == 1:
+        impl = "blockwise"  # context parallelism over one device is blockwise attention
+    if impl not in STRATEGIES and sizes["sequence"] > 1:
+        raise PlanError(
+            f"a sequence axis of {sizes['sequence']} needs ring attention (or allgather, ulysses, hybrid), "
+            f"not {impl!r}."
+        )
     if seq_len % sizes["sequence"]:
         raise PlanError(f"seq_len {seq_len} is not divisible by sequence={sizes['sequence']}: change one of them.")
     A, W = _BYTES[config.dtype], _BYTES[config.param_dtype]
@@ -319,12 +338,39 @@ def plan_memory(
         # dtype, fp32 dq/dk/dv accumulators and fp32 LSE and delta rows (the forward's state is smaller).
         acc = b * t * n * h * (2 * A + 4) + b * t * k * h * (3 * A + 8) + 2 * 4 * b * t * n
         attention_ws = tile + acc
-        if impl == "ring":
-            attention_ws += 2 * b * t * k * h * A  # the next K/V block in flight
-            attention_ws += 2 * b * t * k * h * 4  # dK/dV being sent on with their block
+        if impl in STRATEGIES:
+            # The strategy's own buffers, as `sharding.cp_plan` sizes them (bytes do not depend on the
+            # links): ring, the K/V blocks and fp32 dK/dV in flight; allgather, one layer's full K/V and
+            # fp32 dK/dV; ulysses, the all-to-all buffers; hybrid, both at its group's sizes.
+            plans = model_strategies(config, seq_len, batch, sizes, LINKS["tpu-v5p"], remat=remat != "none")
+            (sp,) = [p for p in plans if p.strategy == impl]
+            if not sp.feasible:
+                raise PlanError(f"context_parallel {impl}: {sp.why_not}")
+            attention_ws += sp.kv_bytes + sp.a2a_bytes
+            if impl != "ring":
+                notes.append(
+                    f"context parallelism {impl}"
+                    + (f" (Ulysses groups of {sp.ulysses_size})" if impl == "hybrid" else "")
+                    + f": {sp.kv_bytes / GiB:.2f} GiB of K/V buffers, {sp.a2a_bytes / GiB:.2f} GiB of all-to-all "
+                    "buffers."
+                )
     positions = (seq_len if loss_chunk is None else min(loss_chunk, seq_len)) * t // seq_len
-    logits = 3 * 4 * b * max(1, positions) * v + (A * b * positions * v if A != 4 else 0)
-    logits += head_gathered * A if (sizes["fsdp"] > 1 or A != W) else 0
+    # The loss's backward, one chunk at a time: the recomputed fp32 logits [b, c, v]. The softmax, its
+    # gradient and the compute-dtype cast fuse into the two matmuls that read them, so one fp32 buffer
+    # of the chunk is live (the TPU compiler's buffer assignment: one f32[b, c, v] value pair).
+    loss_peak = 4 * b * max(1, positions) * v
+    loss_peak += head_gathered * A if (sizes["fsdp"] > 1 or A != W) else 0  # the head gathered / cast
+    # The loss's backward finishes before the first layer's backward starts: the two working sets take
+    # turns in the same memory (their buffers share offsets in XLA's assignment), so the plan counts
+    # the loss only where it is larger than a layer's recompute, cotangents and attention.
+    logits = max(0, loss_peak - (recompute + cotangents + attention_ws))
+    if loss_peak > 0:
+        notes.append(
+            f"logits / loss: {loss_peak / GiB:.2f} GiB at its peak (one chunk's fp32 logits"
+            + (" and the gathered head" if (sizes["fsdp"] > 1 or A != W) else "")
+            + "); it runs before the layers' backward and reuses their memory, so only "
+            f"{logits / GiB:.2f} GiB beyond it is counted."
+        )
     batch_bytes = 4 * 4 * tokens  # tokens, positions, segment ids, targets (int32)
 
     ndev = math.prod(sizes.values())
@@ -343,6 +389,7 @@ def plan_memory(
         layer_working=layer_working,
         attention=attention_ws,
         logits=logits,
+        loss_peak=loss_peak,
         batch=batch_bytes,
         description=desc,
         notes=tuple(notes),
