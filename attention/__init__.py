@@ -21,7 +21,9 @@ Modules: `api` (the entry point), `axes` (logical axis names → mesh axes under
 caller installed), `reference` (dense), `xla`, `blockwise` (flash-style, custom VJP, returns the
 LSE) on the chunk loops of `flash`; `strategies` (context parallelism over a
 mesh axis: ring, allgather, ulysses, hybrid), `driver` (the one hop loop and custom VJP every
-non-dense implementation runs on), `local_kernels` (the kernels a hop runs, one interface),
+non-dense implementation runs on), `local_kernels` (the kernels a hop runs, one interface) and
+`kernel_table` (them by name, with `cudnn_kernel` and `cudnn_hop`: cuDNN hop forwards), `pallas_tpu`
+and `pallas_mgpu` (Mosaic TPU and Mosaic GPU Pallas kernels),
 `layout` (contiguous / zigzag / striped token layouts), `merge` (LSE merge), `instrument`
 (run-time counts of executed chunk pairs and ring hops), `pallas_flash` (Pallas forward/backward
 kernels with position/segment masks, Triton layout) and `kernels` (the compile target and the
@@ -33,6 +35,7 @@ from attention.axes import RulesError
 from attention.blockwise import blockwise_attention
 from attention.driver import DriverConfig, attend
 from attention.instrument import count_work
+from attention.kernel_table import KERNEL_TABLE, get_kernel
 from attention.kernels import PLATFORMS, Target, compile_target, current_target
 from attention.layout import (
     LAYOUTS,
@@ -45,7 +48,7 @@ from attention.layout import (
     to_layout,
     to_layout_tree,
 )
-from attention.local_kernels import KERNEL_TABLE, KernelSpec, LocalKernel, get_kernel
+from attention.local_kernels import KernelSpec, LocalKernel
 from attention.masks import EMPTY_POSITION, default_positions, make_mask
 from attention.merge import merge_partials
 from attention.pallas_flash import pallas_backward, pallas_forward

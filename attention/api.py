@@ -138,6 +138,12 @@ def attention(
         if impl == "blockwise" and mesh is not None and (problem := ring_problem(q, k, mesh)):
             warnings.warn(f"attention: falling back from ring to blockwise attention: {problem}.", stacklevel=2)
 
+    sequence = dict(mesh.shape).get("sequence", 0) if mesh is not None else 0
+    if impl == "blockwise" and kernel != "jnp" and sequence == 1:
+        # A Pallas call cannot be partitioned automatically over the mesh's batch/head axes: run it
+        # per device under shard_map, as a context-parallel call whose ring is one device (one hop).
+        impl = "ring"
+
     if impl == "xla":
         if xla_plain:
             return xla_attention(q, k, v, scale, is_causal=causal)

@@ -44,6 +44,7 @@ from attention import instrument
 from attention.cudnn_hop import cudnn_forward
 from attention.flash import KV_PAD, block_is_masked, vary_like
 from attention.kernels import AttentionError, choose_kernel, current_target
+from attention.local_kernels import BASE_KERNELS
 from attention.merge import merge_partials
 
 HIDDEN, VISIBLE, DIAGONAL, FALLBACK = 0, 1, 2, 3  # sub-pair classes, the lax.switch branch index
@@ -58,10 +59,7 @@ def fallback_name() -> str:
 
 
 def _fallback():
-    # local_kernels registers this module's functions, so it is imported when they run, not at import.
-    from attention.local_kernels import get_kernel
-
-    return get_kernel(fallback_name())
+    return BASE_KERNELS[fallback_name()]
 
 
 def tile(spec, length: int) -> int:

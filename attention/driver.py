@@ -34,7 +34,8 @@ from jax import lax
 
 from attention import instrument
 from attention.flash import KV_PAD, Q_PAD, block_is_masked, vary_like
-from attention.local_kernels import KernelSpec, get_kernel, pad_halves, unpad_halves
+from attention.kernel_table import get_kernel
+from attention.local_kernels import KernelSpec, pad_halves, unpad_halves
 from attention.merge import merge_partials
 
 MODES = ("local", "gather", "ring")

@@ -18,7 +18,8 @@ against a key block, and merges them. A hop is computed by a `LocalKernel`:
 
 ``active`` is a traced bool (or None): False means the mask hides the whole block and the
 kernel must return zeros and ``-inf`` without computing. ``index`` is the ring position
-`attention.instrument` counts under. A new kernel is one module plus one line in `KERNEL_TABLE`.
+`attention.instrument` counts under. A new kernel is one module plus one line in
+`attention.kernel_table.KERNEL_TABLE`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attention import cudnn_kernel, instrument
+from attention import instrument
 from attention.flash import (
     ChunkConfig,
     finalize,
@@ -45,7 +46,6 @@ from attention.flash import (
     token_chunks,
     vary_like,
 )
-from attention.kernels import AttentionError
 from attention.pallas_flash import pallas_backward, pallas_forward
 from attention.pallas_mgpu import mosaic_gpu_backward, mosaic_gpu_forward
 from attention.pallas_tpu import mosaic_tpu_backward, mosaic_tpu_forward
@@ -218,23 +218,14 @@ _tpu_forward, _tpu_backward = _pallas_pair(
     lambda spec, t, s, bwd: (spec.q_tile or _tpu_tile(spec, t), spec.kv_tile or _tpu_tile(spec, s)),
 )
 
-KERNEL_TABLE: dict[str, LocalKernel] = {
+# The kernels of this module; `attention.kernel_table` adds those built on them (cudnn).
+BASE_KERNELS: dict[str, LocalKernel] = {
     "jnp": LocalKernel("jnp", _jnp_forward, _jnp_backward, _jnp_tile, checks_vma=True),
     # Pallas's interpret mode does not type its loops' manual axes (jax 0.10): run unchecked.
     "triton": LocalKernel("triton", _triton_forward, _triton_backward, _triton_tile, checks_vma=False),
     "mosaic_tpu": LocalKernel("mosaic_tpu", _tpu_forward, _tpu_backward, _tpu_tile, checks_vma=False),
     "mosaic_gpu": LocalKernel("mosaic_gpu", _mgpu_forward, _mgpu_backward, lambda spec, n: MGPU_TILE, checks_vma=False),
-    "cudnn": LocalKernel("cudnn", cudnn_kernel.forward, cudnn_kernel.backward, cudnn_kernel.tile, checks_vma=False),
 }
-
-
-def get_kernel(name: str) -> LocalKernel:
-    """The `LocalKernel` registered under a resolved kernel name (`attention.choose_kernel`)."""
-    if name not in KERNEL_TABLE:
-        raise AttentionError(
-            f"attention kernel {name!r} is not available in this build: use one of {', '.join(KERNEL_TABLE)}."
-        )
-    return KERNEL_TABLE[name]
 
 
 def pad_halves(x: jax.Array, tile: int, value, edge: bool = False) -> jax.Array:

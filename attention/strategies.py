@@ -32,8 +32,9 @@ from jax import lax
 
 from attention import axes, instrument
 from attention.driver import DriverConfig, attend
+from attention.kernel_table import get_kernel
 from attention.kernels import AttentionError, choose_kernel
-from attention.local_kernels import KernelSpec, get_kernel
+from attention.local_kernels import KernelSpec
 from attention.masks import default_positions
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")

@@ -20,8 +20,9 @@ from attention import Target, attention, choose_kernel, compile_target, current_
 from attention import driver as driver_module
 from attention.api import AttentionError
 from attention.blockwise import blockwise_attention
+from attention.kernel_table import get_kernel
 from attention.layout import from_layout, to_layout
-from attention.local_kernels import KernelSpec, get_kernel, pad_halves
+from attention.local_kernels import KernelSpec, pad_halves
 from attention.masks import make_mask
 from attention.merge import merge_partials
 from attention.pallas_flash import pallas_backward, pallas_forward

@@ -65,6 +65,15 @@ def test_the_mosaic_tpu_kernels_compile_in_every_strategy(libtpu, run_config, tm
         assert code == 0, capsys.readouterr()
         (row,) = json.loads(out.read_text())
         assert row["attention_impl"] == strategy and row["kernel"] == "mosaic_tpu" and row["fits"] is True
+    # No sequence axis (fsdp=4): the Pallas call runs per device under shard_map, not through XLA's
+    # automatic partitioner (which cannot split a Mosaic kernel).
+    out = tmp_path / "blockwise.json"
+    code = compile_cmd.main(["--config", run_config, "--topology", "v5p-8", "--json", str(out), "--set",
+                             "model.attention_kernel=auto", "--set", "mesh.fsdp=4", "--set", "mesh.sequence=1",
+                             "--set", "stages.0.batch_size=4", "--set", "stages.0.seq_len=2048"])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    (row,) = json.loads(out.read_text())
+    assert row["attention_impl"] == "blockwise" and row["kernel"] == "mosaic_tpu"
 
 
 def test_a_stage_that_does_not_compile_exits_1(libtpu, run_config, tmp_path, capsys):
