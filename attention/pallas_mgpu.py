@@ -47,133 +47,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attention import instrument
-from attention.kernels import AttentionError, current_target
+from attention.kernels import AttentionError
+from attention.mgpu_tiles import (
+    default_interpret,
+    full,
+    hidden,
+    interpret_params,
+    mask,
+    matmul,
+    pipelined,
+    row,
+    smem,
+    tile_ranges,
+    vec,
+)
 from attention.pallas_flash import KV_PAD, Q_PAD, _check, _out_structs, _pad, _pad_segments
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [m] vector living along the rows of a WGMMA [m, n] tile
 COL = plgpu.Layout.WGMMA.reduce(0)  # a [n] vector living along its columns
-
-
-def default_interpret():
-    """GPU interpret mode (Pallas simulates Mosaic GPU on the CPU) unless the target is a GPU."""
-    if current_target().platform == "gpu":
-        return False
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private in jax 0.10
-
-    return InterpretGPUParams()
-
-
-def _interpret_params(interpret):
-    """``interpret=True`` means Pallas's GPU interpreter (the plain HLO interpreter cannot run Mosaic GPU refs)."""
-    if interpret is True:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        return InterpretGPUParams()
-    return interpret or None
-
-
-def _smem(shape, dtype):
-    """Shared-memory tile laid out for WGMMA: 128-byte swizzle over (8, 64) bf16 tiles (h = 64, 128)."""
-    swizzle = plgpu.find_swizzle(shape[-1] * jnp.dtype(dtype).itemsize * 8)
-    tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
-
-
-def _tile_ranges(pos, seg, block: int):
-    """int32 ``[b, tiles, 4]``: per tile (max position, min position, min segment, max segment).
-
-    Padded queries (``Q_PAD``) and keys (``KV_PAD``) sit at the ends of the int32 range, so a
-    tile of padding reads as hidden from both sides.
-    """
-    b, length = pos.shape
-    pos, seg = pos.reshape(b, length // block, block), seg.reshape(b, length // block, block)
-    return jnp.stack([pos.max(-1), pos.min(-1), seg.min(-1), seg.max(-1)], axis=-1)
-
-
-def _hidden(qr, kr, causal: bool):
-    """Scalar bool from two tile-range rows: no (query, key) pair of these tiles is visible."""
-    q_max, q_seg_lo, q_seg_hi = qr[0], qr[2], qr[3]
-    kv_min, k_seg_lo, k_seg_hi = kr[1], kr[2], kr[3]
-    hidden = (kv_min == KV_PAD) | (q_max == Q_PAD) | (q_seg_hi < k_seg_lo) | (k_seg_hi < q_seg_lo)
-    return (hidden | (kv_min > q_max)) if causal else hidden
-
-
-def _mask(qp, kp, qs, ks, causal: bool, transposed: bool = False):
-    """Bool ``[tq, tk]`` (``[tk, tq]`` if transposed) from ``[tq]`` query and ``[tk]`` key positions / segments."""
-    q_dim, k_dim = (1, 0) if transposed else (0, 1)
-    shape = [0, 0]
-    shape[q_dim], shape[k_dim] = qp.shape[0], kp.shape[0]
-    at_q = lambda x: lax.broadcast_in_dim(x, tuple(shape), [q_dim])  # noqa: E731
-    at_k = lambda x: lax.broadcast_in_dim(x, tuple(shape), [k_dim])  # noqa: E731
-    mask = (at_q(qs) == at_k(ks)) & (at_k(kp) != KV_PAD) & (at_q(qp) != Q_PAD)
-    return (mask & (at_q(qp) >= at_k(kp))) if causal else mask
-
-
-def _matmul(a, b, shape, interp: bool, transpose_b: bool = False):
-    """fp32 ``a @ b`` (``a @ b.T`` with ``transpose_b``) on the tensor cores (WGMMA).
-
-    a: registers or an SMEM ref; b: an SMEM ref. Pallas's GPU interpreter (jax 0.10) runs WGMMA
-    only on two plain SMEM refs (no register operand, no `plgpu.transpose_ref` view), so interpret
-    mode multiplies the same tiles with a plain fp32-accumulating dot instead.
-    """
-    if interp:
-        a = a if isinstance(a, jax.Array) else a[...]
-        dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-        return lax.dot_general(a, b[...], dims, preferred_element_type=jnp.float32)
-    b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
-
-    def run(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]  # waits for the WGMMA
-
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
-
-def _pipelined(steps, sources, smems, barriers, body, carry):
-    """``fori_loop`` over ``steps`` tiles streamed through two SMEM slots; returns the final carry.
-
-    ``sources[i](step)`` is the GMEM view of array i's tile for that step. The TMA copy of tile
-    ``j + 1`` is issued before tile ``j`` is used: it goes to the slot tile ``j - 1`` used, whose
-    WGMMAs have finished (`_matmul` waits for them). ``body(step, tiles, carry)`` gets the SMEM tiles.
-    """
-
-    def issue(step, slot):
-        for source, smem, barrier in zip(sources, smems, barriers, strict=True):
-            plgpu.copy_gmem_to_smem(source(step), smem.at[slot], barrier.at[slot])
-
-    issue(0, 0)
-
-    def loop(j, carry):
-        slot = lax.rem(j, 2)
-
-        @pl.when(j + 1 < steps)
-        def _prefetch():
-            issue(j + 1, 1 - slot)
-
-        for barrier in barriers:
-            plgpu.barrier_wait(barrier.at[slot])
-        return body(j, [smem.at[slot] for smem in smems], carry)
-
-    return lax.fori_loop(0, steps, loop, carry)
-
-
-def _vec(ref, layout, interp: bool):
-    """A 1-D int32/fp32 slice of a GMEM ref in registers, laid out to broadcast against WGMMA tiles.
-
-    Pallas's GPU interpreter (jax 0.10) has no rule for `plgpu.load` and `plgpu.layout_cast`;
-    layouts say where values live, not what they are, so interpret mode reads the plain values.
-    """
-    return ref[...] if interp else plgpu.load(ref, (), layout=layout, optimized=False)
-
-
-def _full(shape, value, layout, interp: bool):
-    x = jnp.full(shape, value, jnp.float32)
-    return x if interp else plgpu.layout_cast(x, layout)
-
-
-def _row(x, shape):
-    return lax.broadcast_in_dim(x, shape, [0])
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_ref, o_ref, lse_ref,
@@ -184,8 +76,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_
     (bq, h), bk, n_k = q_smem.shape, k_smem.shape[1], kr_ref.shape[1]
     rows = pl.ds(i * bq, bq)
     plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, ni], q_smem, q_bar.at[0])
-    qp = _vec(qp_ref.at[bi, rows], ROW, interp)
-    qs = _vec(qs_ref.at[bi, rows], ROW, interp)
+    qp = vec(qp_ref.at[bi, rows], ROW, interp)
+    qs = vec(qs_ref.at[bi, rows], ROW, interp)
     qr = [qr_ref[bi, i, c] for c in range(4)]
     plgpu.barrier_wait(q_bar.at[0])
 
@@ -196,30 +88,30 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_
             acc, m, denom = carry
             instrument.record(counter, "tile_fwd", None)
             cols = pl.ds(j * bk, bk)
-            kp = _vec(kp_ref.at[bi, cols], COL, interp)
-            ks = _vec(ks_ref.at[bi, cols], COL, interp)
-            logits = _matmul(q_smem, k_tile, (bq, bk), interp, transpose_b=True) * scale
-            logits = jnp.where(_mask(qp, kp, qs, ks, causal), logits, -jnp.inf)
+            kp = vec(kp_ref.at[bi, cols], COL, interp)
+            ks = vec(ks_ref.at[bi, cols], COL, interp)
+            logits = matmul(q_smem, k_tile, (bq, bk), interp, transpose_b=True) * scale
+            logits = jnp.where(mask(qp, kp, qs, ks, causal), logits, -jnp.inf)
             m_new = jnp.maximum(m, logits.max(axis=1))
             # Rows with nothing visible yet keep max -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
             alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(logits - _row(m_safe, logits.shape))
+            p = jnp.exp(logits - row(m_safe, logits.shape))
             denom = alpha * denom + p.sum(axis=1)
             # A fresh accumulator plus an add, not `pl.run_state(ACC.init(acc))`: the interpreter lacks run_state.
-            acc = acc * _row(alpha, acc.shape) + _matmul(p.astype(v_tile.dtype), v_tile, acc.shape, interp)
+            acc = acc * row(alpha, acc.shape) + matmul(p.astype(v_tile.dtype), v_tile, acc.shape, interp)
             return acc, m_new, denom
 
         kr = [kr_ref[bi, j, c] for c in range(4)]
-        return lax.cond(_hidden(qr, kr, causal), lambda c: c, compute, carry)
+        return lax.cond(hidden(qr, kr, causal), lambda c: c, compute, carry)
 
     sources = [lambda j, r=r: r.at[bi, pl.ds(j * bk, bk), ki] for r in (k_ref, v_ref)]
-    zeros = _full((bq, h), 0.0, plgpu.Layout.WGMMA, interp)
-    init = (zeros, _full((bq,), -jnp.inf, ROW, interp), _full((bq,), 0.0, ROW, interp))
-    acc, m, denom = _pipelined(n_k, sources, (k_smem, v_smem), (k_bar, v_bar), body, init)
+    zeros = full((bq, h), 0.0, plgpu.Layout.WGMMA, interp)
+    init = (zeros, full((bq,), -jnp.inf, ROW, interp), full((bq,), 0.0, ROW, interp))
+    acc, m, denom = pipelined(n_k, sources, (k_smem, v_smem), (k_bar, v_bar), body, init)
     seen = denom > 0
     safe = jnp.where(seen, denom, 1.0)
-    o_smem[...] = acc / _row(safe, acc.shape)
+    o_smem[...] = acc / row(safe, acc.shape)
     lse_smem[...] = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, rows, ni])
@@ -236,8 +128,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_r
     rows = pl.ds(i * bq, bq)
     plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, ni], q_smem, q_bar.at[0])
     plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, ni], do_smem, q_bar.at[1])
-    qp, qs = _vec(qp_ref.at[bi, rows], ROW, interp), _vec(qs_ref.at[bi, rows], ROW, interp)
-    lse, delta = _vec(lse_ref.at[bi, ni, rows], ROW, interp), _vec(delta_ref.at[bi, ni, rows], ROW, interp)
+    qp, qs = vec(qp_ref.at[bi, rows], ROW, interp), vec(qs_ref.at[bi, rows], ROW, interp)
+    lse, delta = vec(lse_ref.at[bi, ni, rows], ROW, interp), vec(delta_ref.at[bi, ni, rows], ROW, interp)
     lse = jnp.where(lse > -jnp.inf, lse, 0.0)  # rows that saw no key: any finite shift (p is masked)
     qr = [qr_ref[bi, i, c] for c in range(4)]
     plgpu.barrier_wait(q_bar.at[0])
@@ -249,19 +141,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_r
         def compute(dq):
             instrument.record(counter, "tile_dq", None)
             cols = pl.ds(j * bk, bk)
-            kp, ks = _vec(kp_ref.at[bi, cols], COL, interp), _vec(ks_ref.at[bi, cols], COL, interp)
-            logits = _matmul(q_smem, k_tile, (bq, bk), interp, transpose_b=True) * scale
-            p = jnp.where(_mask(qp, kp, qs, ks, causal), jnp.exp(logits - _row(lse, logits.shape)), 0.0)
-            dp = _matmul(do_smem, v_tile, (bq, bk), interp, transpose_b=True)
-            dlogits = p * (dp - _row(delta, dp.shape))  # d loss / d logit, before the scale
-            return dq + scale * _matmul(dlogits.astype(k_tile.dtype), k_tile, dq.shape, interp)
+            kp, ks = vec(kp_ref.at[bi, cols], COL, interp), vec(ks_ref.at[bi, cols], COL, interp)
+            logits = matmul(q_smem, k_tile, (bq, bk), interp, transpose_b=True) * scale
+            p = jnp.where(mask(qp, kp, qs, ks, causal), jnp.exp(logits - row(lse, logits.shape)), 0.0)
+            dp = matmul(do_smem, v_tile, (bq, bk), interp, transpose_b=True)
+            dlogits = p * (dp - row(delta, dp.shape))  # d loss / d logit, before the scale
+            return dq + scale * matmul(dlogits.astype(k_tile.dtype), k_tile, dq.shape, interp)
 
         kr = [kr_ref[bi, j, c] for c in range(4)]
-        return lax.cond(_hidden(qr, kr, causal), lambda c: c, compute, dq)
+        return lax.cond(hidden(qr, kr, causal), lambda c: c, compute, dq)
 
     sources = [lambda j, r=r: r.at[bi, pl.ds(j * bk, bk), ki] for r in (k_ref, v_ref)]
-    init = _full((bq, h), 0.0, plgpu.Layout.WGMMA, interp)
-    dq_smem[...] = _pipelined(n_k, sources, (k_smem, v_smem), (k_bar, v_bar), body, init)
+    init = full((bq, h), 0.0, plgpu.Layout.WGMMA, interp)
+    dq_smem[...] = pipelined(n_k, sources, (k_smem, v_smem), (k_bar, v_bar), body, init)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, rows, ni])
     plgpu.wait_smem_to_gmem(0)
@@ -280,7 +172,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_
     cols = pl.ds(j * bk, bk)
     plgpu.copy_gmem_to_smem(k_ref.at[bi, cols, ki], k_smem, k_bar.at[0])
     plgpu.copy_gmem_to_smem(v_ref.at[bi, cols, ki], v_smem, k_bar.at[1])
-    kp, ks = _vec(kp_ref.at[bi, cols], ROW, interp), _vec(ks_ref.at[bi, cols], ROW, interp)
+    kp, ks = vec(kp_ref.at[bi, cols], ROW, interp), vec(ks_ref.at[bi, cols], ROW, interp)
     kr = [kr_ref[bi, j, c] for c in range(4)]
     plgpu.barrier_wait(k_bar.at[0])
     plgpu.barrier_wait(k_bar.at[1])
@@ -293,27 +185,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, qr_ref, kr_
             dk, dv = carry
             instrument.record(counter, "tile_dkv", None)
             rows = pl.ds(i * bq, bq)
-            qp, qs = _vec(qp_ref.at[bi, rows], COL, interp), _vec(qs_ref.at[bi, rows], COL, interp)
-            lse = _vec(lse_ref.at[bi, head, rows], COL, interp)
-            delta = _vec(delta_ref.at[bi, head, rows], COL, interp)
+            qp, qs = vec(qp_ref.at[bi, rows], COL, interp), vec(qs_ref.at[bi, rows], COL, interp)
+            lse = vec(lse_ref.at[bi, head, rows], COL, interp)
+            delta = vec(delta_ref.at[bi, head, rows], COL, interp)
             lse = jnp.where(lse > -jnp.inf, lse, 0.0)
-            logits = _matmul(k_smem, q_tile, (bk, bq), interp, transpose_b=True) * scale  # [bk, bq]
+            logits = matmul(k_smem, q_tile, (bk, bq), interp, transpose_b=True) * scale  # [bk, bq]
             col = lambda x: lax.broadcast_in_dim(x, logits.shape, [1])  # noqa: E731
-            p = jnp.where(_mask(qp, kp, qs, ks, causal, transposed=True), jnp.exp(logits - col(lse)), 0.0)
-            dv = dv + _matmul(p.astype(do_tile.dtype), do_tile, dv.shape, interp)
-            dp = _matmul(v_smem, do_tile, (bk, bq), interp, transpose_b=True)
+            p = jnp.where(mask(qp, kp, qs, ks, causal, transposed=True), jnp.exp(logits - col(lse)), 0.0)
+            dv = dv + matmul(p.astype(do_tile.dtype), do_tile, dv.shape, interp)
+            dp = matmul(v_smem, do_tile, (bk, bq), interp, transpose_b=True)
             dlogits = p * (dp - col(delta))
-            return dk + scale * _matmul(dlogits.astype(q_tile.dtype), q_tile, dk.shape, interp), dv
+            return dk + scale * matmul(dlogits.astype(q_tile.dtype), q_tile, dk.shape, interp), dv
 
         qr = [qr_ref[bi, i, c] for c in range(4)]
-        return lax.cond(_hidden(qr, kr, causal), lambda c: c, compute, carry)
+        return lax.cond(hidden(qr, kr, causal), lambda c: c, compute, carry)
 
     def source(ref):
         return lambda step: ref.at[bi, pl.ds(lax.rem(step, n_q) * bq, bq), ki * groups + lax.div(step, n_q)]
 
-    zeros = _full((bk, h), 0.0, plgpu.Layout.WGMMA, interp)
+    zeros = full((bk, h), 0.0, plgpu.Layout.WGMMA, interp)
     sources = (source(q_ref), source(do_ref))
-    dk, dv = _pipelined(groups * n_q, sources, (q_smem, do_smem), (q_bar, do_bar), body, (zeros, zeros))
+    dk, dv = pipelined(groups * n_q, sources, (q_smem, do_smem), (q_bar, do_bar), body, (zeros, zeros))
     dk_smem[...] = dk
     dv_smem[...] = dv
     plgpu.commit_smem()
@@ -339,7 +231,7 @@ def _prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk, *rows):
     q_pos, q_seg = _pad(q_pos.astype(jnp.int32), bq, Q_PAD), _pad_segments(q_seg.astype(jnp.int32), bq)
     kv_pos, kv_seg = _pad(kv_pos.astype(jnp.int32), bk, KV_PAD), _pad_segments(kv_seg.astype(jnp.int32), bk)
     q, k, v = _pad(q, bq, 0), _pad(k, bk, 0), _pad(v, bk, 0)
-    ranges = _tile_ranges(q_pos, q_seg, bq), _tile_ranges(kv_pos, kv_seg, bk)
+    ranges = tile_ranges(q_pos, q_seg, bq), tile_ranges(kv_pos, kv_seg, bk)
     return (q, k, v, q_pos, kv_pos, q_seg, kv_seg, *ranges, *(_pad(r, bq, 0) for r in rows))
 
 
@@ -373,9 +265,9 @@ def mosaic_gpu_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, s
         kernel,
         out_type=_out_structs((((b, tp, n, h), jnp.float32), ((b, n, tp), jnp.float32)), *inputs),
         scratch_types=[
-            _smem((block_q, h), q.dtype),
-            _smem((2, block_k, h), q.dtype),
-            _smem((2, block_k, h), q.dtype),
+            smem((block_q, h), q.dtype),
+            smem((2, block_k, h), q.dtype),
+            smem((2, block_k, h), q.dtype),
             plgpu.SMEM((block_q, h), jnp.float32),
             plgpu.SMEM((block_q,), jnp.float32),
             plgpu.Barrier(num_barriers=1),
@@ -384,7 +276,7 @@ def mosaic_gpu_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, s
         ],
         grid=(b, n, tp // block_q),
         grid_names=("b", "n", "i"),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*inputs)
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
@@ -422,10 +314,10 @@ def mosaic_gpu_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, *
         functools.partial(_dq_kernel, **static),
         out_type=_out_structs((((b, tp, n, h), jnp.float32),), *inputs)[0],
         scratch_types=[
-            _smem((block_q, h), q.dtype),
-            _smem((block_q, h), q.dtype),
-            _smem((2, block_k, h), q.dtype),
-            _smem((2, block_k, h), q.dtype),
+            smem((block_q, h), q.dtype),
+            smem((block_q, h), q.dtype),
+            smem((2, block_k, h), q.dtype),
+            smem((2, block_k, h), q.dtype),
             plgpu.SMEM((block_q, h), jnp.float32),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
@@ -433,16 +325,16 @@ def mosaic_gpu_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, *
         ],
         grid=(b, n, tp // block_q),
         grid_names=("b", "n", "i"),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*inputs)
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, **static),
         out_type=_out_structs((((b, sp, kh, h), jnp.float32),) * 2, *inputs),
         scratch_types=[
-            _smem((block_k, h), q.dtype),
-            _smem((block_k, h), q.dtype),
-            _smem((2, block_q, h), q.dtype),
-            _smem((2, block_q, h), q.dtype),
+            smem((block_k, h), q.dtype),
+            smem((block_k, h), q.dtype),
+            smem((2, block_q, h), q.dtype),
+            smem((2, block_q, h), q.dtype),
             plgpu.SMEM((block_k, h), jnp.float32),
             plgpu.SMEM((block_k, h), jnp.float32),
             plgpu.Barrier(num_barriers=2),
@@ -451,6 +343,6 @@ def mosaic_gpu_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse, delta, *
         ],
         grid=(b, kh, sp // block_k),
         grid_names=("b", "k", "j"),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*inputs)
     return dq[:, :t], dk[:, :s], dv[:, :s]
